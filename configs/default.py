@@ -1,0 +1,90 @@
+"""Default configuration: every field, commented. Other configs override a few.
+
+  python main.py --config configs/default.py --workdir runs/default
+
+Any field can be overridden on the command line, e.g.
+``--config.training.batch_size=8 --config.data.image_size=32``.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+
+  config.data = data = ml_collections.ConfigDict()
+  # "cartoon_faces" (built in, no download), "anime_faces" (Kaggle, manual
+  # download), "image_folder" (any folder of images), or a TFDS catalog name.
+  data.dataset = "cartoon_faces"
+  # TFDS data_dir; unset means $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  data.data_dir = config_dict.placeholder(str)
+  # image_folder: the folder of images (searched recursively).
+  data.folder = config_dict.placeholder(str)
+  # anime_faces: the folder holding the Kaggle download (zip or extracted).
+  data.manual_dir = config_dict.placeholder(str)
+  data.image_key = "image"  # feature holding the image in TFDS catalog datasets
+  data.image_size = 32  # images are centre-cropped and resized to this square size
+  data.num_channels = 3
+  data.random_flip = True  # random horizontal flips (augmentation)
+  data.train_split = "train"
+  data.eval_split = "test"
+  data.num_workers = 8  # threads decoding images on each host
+
+  config.model = model = ml_collections.ConfigDict()
+  model.ch = 64  # base channel count
+  model.ch_mult = (1, 2, 2)  # channel multiplier per resolution level
+  model.num_res_blocks = 2  # residual blocks per level (the up path has one more)
+  model.attn_resolutions = (16,)  # feature-map sizes that get self-attention
+  model.num_heads = 1  # attention heads (DDPM used 1)
+  model.dropout = 0.1
+  model.num_groups = 32  # GroupNorm groups; channel counts must be divisible by it
+  model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
+  model.prediction_type = "epsilon"  # what the network predicts: epsilon, x0 or v
+
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.schedule = "linear"  # "linear" (Ho et al.) or "cosine" (Nichol & Dhariwal)
+  diffusion.num_timesteps = 1000
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.optimizer = "adamw"  # "adam" or "adamw"
+  optim.learning_rate = 2e-4  # peak learning rate
+  optim.warmup_steps = 1000  # linear warmup from 0 to the peak
+  optim.lr_schedule = "constant"  # after warmup: "constant" or "cosine" (to 0 at the end)
+  optim.weight_decay = 0.0  # decoupled weight decay (adamw only)
+  optim.b1 = 0.9
+  optim.b2 = 0.999
+  optim.eps = 1e-8
+  optim.grad_clip_norm = 1.0  # global-norm clipping; 0 or None disables it
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 64  # global batch, over all devices and hosts
+  training.num_train_steps = 100_000
+  training.steps_per_dispatch = 1  # train steps per device call (lax.scan inside pmap)
+  training.seed = 0
+  training.ema_decay = 0.9999  # maximum EMA decay
+  training.ema_warmup = True  # decay = min(ema_decay, (1 + step) / (10 + step))
+  training.log_every_steps = 100
+  training.checkpoint_every_steps = 5000
+  training.checkpoint_every_minutes = 30.0  # also save at least this often (0 = never)
+  training.keep_checkpoints = 3  # most recent checkpoints kept
+  training.keep_period = 0  # also keep every checkpoint whose step is a multiple (0 = none)
+  training.sample_every_steps = 0  # write an EMA sample grid every N steps (0 = never)
+  training.max_bad_steps = 10  # consecutive non-finite steps before stopping
+  training.compilation_cache = True  # JAX persistent compilation cache in the workdir
+
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = "ddim"  # "ddpm", "ddim" or "dpm_solver++"
+  sampling.num_steps = 50  # network evaluations (ddim, dpm_solver++); ddpm uses all T
+  sampling.eta = 0.0  # DDIM noise: 0 deterministic, 1 = DDPM's posterior variance
+  sampling.spacing = "uniform"  # timestep spacing: uniform, trailing or quadratic
+  sampling.ddpm_variance = "small"  # DDPM: "small" (posterior) or "large" (beta_t)
+  sampling.clip_x0 = True  # clip the predicted x0 to [-1, 1]
+  sampling.num_samples = 64
+  sampling.batch_size = 64  # global batch per sampler call
+  sampling.seed = 0
+  sampling.use_ema = True  # sample with the EMA parameters
+  sampling.num_frames = 20  # frames in the denoising GIF (0 = no GIF)
+  sampling.name = ""  # sub-folder of <workdir>/samples; empty = derived from settings
+
+  return config

@@ -1,0 +1,88 @@
+"""Config checks that run before any work: each problem is one line saying what to change."""
+
+from __future__ import annotations
+
+from ddpm_jax import diffusion, sampling
+
+
+class ConfigError(ValueError):
+  """An unusable config; the message names the field and the fix."""
+
+
+def feature_map_sizes(image_size: int, num_levels: int) -> list[int]:
+  return [image_size // 2**i for i in range(num_levels)]
+
+
+def validate(config, num_devices: int = 1) -> None:
+  """Raises ConfigError for the first problem found in ``config``."""
+  d, m, t, s, o = config.data, config.model, config.training, config.sampling, config.optim
+  levels = len(m.ch_mult)
+  if levels < 1:
+    raise ConfigError("model.ch_mult must have at least one level")
+  if d.image_size <= 0 or d.image_size % 2 ** (levels - 1):
+    raise ConfigError(
+        f"data.image_size={d.image_size} must be divisible by 2**(len(model.ch_mult)-1) = "
+        f"{2 ** (levels - 1)} (model.ch_mult={tuple(m.ch_mult)} downsamples {levels - 1} times)")
+  sizes = feature_map_sizes(d.image_size, levels)
+  for r in m.attn_resolutions:
+    if r not in sizes:
+      raise ConfigError(f"model.attn_resolutions has {r}, but the feature maps of a "
+                        f"{d.image_size}x{d.image_size} image are {sizes}; pick from those")
+  for mult in m.ch_mult:
+    if (m.ch * mult) % m.num_groups:
+      raise ConfigError(f"model.ch * ch_mult = {m.ch * mult} is not divisible by "
+                        f"model.num_groups={m.num_groups}")
+  if m.get("dtype", "float32") not in ("float32", "bfloat16"):
+    raise ConfigError(f"model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
+  if m.prediction_type not in diffusion.PREDICTION_TYPES:
+    raise ConfigError(f"model.prediction_type={m.prediction_type!r}: use one of "
+                      f"{diffusion.PREDICTION_TYPES}")
+  if config.diffusion.schedule not in diffusion.SCHEDULES:
+    raise ConfigError(f"unknown diffusion.schedule={config.diffusion.schedule!r}: use one of "
+                      f"{diffusion.SCHEDULES}")
+  if config.diffusion.num_timesteps < 2:
+    raise ConfigError("diffusion.num_timesteps must be at least 2")
+  if t.batch_size <= 0 or t.batch_size % num_devices:
+    raise ConfigError(f"training.batch_size={t.batch_size} is not divisible by the {num_devices} "
+                      f"devices; use a multiple of {num_devices}")
+  if s.batch_size <= 0 or s.batch_size % num_devices:
+    raise ConfigError(f"sampling.batch_size={s.batch_size} is not divisible by the {num_devices} "
+                      f"devices; use a multiple of {num_devices}")
+  if t.steps_per_dispatch < 1:
+    raise ConfigError("training.steps_per_dispatch must be >= 1")
+  for name in ("checkpoint_every_steps", "num_train_steps"):
+    if t[name] % t.steps_per_dispatch:
+      raise ConfigError(f"training.{name}={t[name]} must be a multiple of "
+                        f"training.steps_per_dispatch={t.steps_per_dispatch}")
+  if o.optimizer not in ("adam", "adamw"):
+    raise ConfigError(f"optim.optimizer={o.optimizer!r}: use 'adam' or 'adamw'")
+  if o.lr_schedule not in ("constant", "cosine"):
+    raise ConfigError(f"optim.lr_schedule={o.lr_schedule!r}: use 'constant' or 'cosine'")
+  if s.sampler not in sampling.SAMPLERS + ("dpm_solver_pp",):
+    raise ConfigError(f"unknown sampling.sampler={s.sampler!r}: use one of {sampling.SAMPLERS}")
+  if s.spacing not in sampling.SPACINGS:
+    raise ConfigError(f"unknown sampling.spacing={s.spacing!r}: use one of {sampling.SPACINGS}")
+  if s.sampler != "ddpm" and not 1 <= s.num_steps <= config.diffusion.num_timesteps:
+    raise ConfigError(f"sampling.num_steps={s.num_steps} must be in "
+                      f"[1, diffusion.num_timesteps={config.diffusion.num_timesteps}]")
+
+
+# Fields that fix the shapes and meaning of the parameters in a checkpoint.
+ARCHITECTURE_FIELDS = (
+    ("model", ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "num_heads",
+               "num_groups", "prediction_type")),
+    ("data", ("image_size", "num_channels")),
+    ("diffusion", ("schedule", "num_timesteps")),
+)
+
+
+def check_compatible(config, saved) -> None:
+  """Raises ConfigError if ``config`` cannot continue from a checkpoint made with ``saved``."""
+  for section, fields in ARCHITECTURE_FIELDS:
+    for f in fields:
+      new, old = config[section].get(f), saved.get(section, {}).get(f)
+      norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+      if old is not None and norm(new) != norm(old):
+        raise ConfigError(
+            f"the workdir's checkpoint was made with {section}.{f}={norm(old)!r} but the config "
+            f"has {norm(new)!r}: use another --workdir or set --config.{section}.{f}={norm(old)!r}")

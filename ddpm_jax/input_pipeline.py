@@ -1,0 +1,192 @@
+"""Input pipeline: TFDS-prepared records, random access, deterministic order, per-process shards.
+
+The order of training examples is a pure function of (seed, step): for example
+``i = step * global_batch + j`` of the run, epoch ``e = i // N`` uses the permutation
+``default_rng([seed, e]).permutation(N)``. Process ``p`` of ``P`` reads positions
+``[p * B/P, (p+1) * B/P)`` of each global batch, so processes read disjoint
+examples that together cover each epoch, and a resumed run sees exactly the
+batches an uninterrupted one would. Flips are drawn from ``default_rng([seed, step])``.
+
+Batches come out shaped ``[local_devices, per_device_batch, H, W, C]``, float32 in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import queue
+import threading
+from typing import Iterator, Protocol
+
+import numpy as np
+from PIL import Image
+
+
+def hide_accelerators_from_tf():
+  """TF is only used for data preparation here: keep it off GPUs/TPUs so JAX has them."""
+  import tensorflow as tf
+  try:
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+  except (RuntimeError, ValueError):
+    pass  # already initialised, or no such device type
+  return tf
+
+
+class Source(Protocol):
+  """Random access to a split: ``len(source)`` and ``source[i] -> uint8 (H, W, C)``."""
+  def __len__(self) -> int: ...
+  def __getitem__(self, i: int) -> np.ndarray: ...
+
+
+def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:
+  """Centre-crops to a square and resizes to (size, size) with antialiasing (PIL bicubic)."""
+  h, w = img.shape[:2]
+  if h == w == size:
+    return img
+  s = min(h, w)
+  top, left = (h - s) // 2, (w - s) // 2
+  img = img[top:top + s, left:left + s]
+  pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+  out = np.asarray(pil.resize((size, size), Image.BICUBIC, reducing_gap=None))
+  return out[..., None] if out.ndim == 2 else out
+
+
+class TfdsArraySource:
+  """A split of a TFDS dataset prepared in ArrayRecord format, read by index."""
+
+  def __init__(self, builder, split: str, image_key: str, image_size: int):
+    self._ds = builder.as_data_source(split=split)
+    self._key, self._size = image_key, image_size
+
+  def __len__(self):
+    return len(self._ds)
+
+  def __getitem__(self, i):
+    img = np.asarray(self._ds[int(i)][self._key])
+    return center_crop_resize(img, self._size)
+
+
+class ArraySource:
+  """A split held in memory as uint8 (N, H, W, C)."""
+
+  def __init__(self, images: np.ndarray):
+    self.images = images
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, i):
+    return self.images[int(i)]
+
+
+def get_source(config, split: str) -> Source:
+  """The data source for ``config.data`` and ``split`` ("train"/"test" or a TFDS split)."""
+  from ddpm_jax import datasets as ds_lib
+  data = config.data
+  builder = ds_lib.get_builder(config)
+  fmt = builder.info.file_format
+  if getattr(fmt, "value", fmt) == "array_record":
+    return TfdsArraySource(builder, split, data.image_key, data.image_size)
+  return ArraySource(ds_lib.load_split_in_memory(builder, split, data.image_key, data.image_size))
+
+
+class TrainBatches:
+  """Deterministic, per-process-sharded, prefetched training batches, starting at any step.
+
+  Args:
+    source: the training split.
+    global_batch: batch over all processes and devices.
+    seed: data seed.
+    start_step: the step of the first batch produced (a resumed run passes its step).
+    random_flip: flip horizontally with probability 1/2.
+    process_index, process_count, local_devices: this process's place in the job.
+    num_workers: decoding threads.
+    prefetch: batches prepared ahead.
+  """
+
+  def __init__(self, source: Source, global_batch: int, *, seed: int = 0, start_step: int = 0,
+               random_flip: bool = True, process_index: int = 0, process_count: int = 1,
+               local_devices: int = 1, num_workers: int = 8, prefetch: int = 2):
+    if global_batch % (process_count * local_devices):
+      raise ValueError(f"global batch {global_batch} is not divisible by "
+                       f"{process_count} processes x {local_devices} local devices")
+    if len(source) == 0:
+      raise ValueError("the training split is empty")
+    self.source, self.global_batch, self.seed = source, global_batch, seed
+    self.random_flip = random_flip
+    self.local_batch = global_batch // process_count
+    self.process_index, self.local_devices = process_index, local_devices
+    self.step = start_step
+    self._perms: dict[int, np.ndarray] = {}
+    self._pool = concurrent.futures.ThreadPoolExecutor(num_workers)
+    self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._produce, daemon=True)
+    self._thread.start()
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+      self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+    return self._perms[epoch]
+
+  def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """This process's example indices and flip flags for ``step``."""
+    n = len(self.source)
+    start = step * self.global_batch + self.process_index * self.local_batch
+    pos = np.arange(start, start + self.local_batch, dtype=np.int64)
+    idx = np.array([self._perm(int(e))[int(p)] for e, p in zip(pos // n, pos % n)])
+    flips = np.random.default_rng([self.seed, step]).random(self.global_batch) < 0.5
+    flips = flips[self.process_index * self.local_batch:][:self.local_batch]
+    return idx, flips & self.random_flip
+
+  def make_batch(self, step: int) -> np.ndarray:
+    idx, flips = self.indices(step)
+    imgs = np.stack(list(self._pool.map(self.source.__getitem__, idx)))
+    imgs = np.where(flips[:, None, None, None], imgs[:, :, ::-1], imgs)
+    x = imgs.astype(np.float32) / 127.5 - 1.0
+    return x.reshape((self.local_devices, -1) + x.shape[1:])
+
+  def _produce(self):
+    step = self.step
+    while not self._stop.is_set():
+      try:
+        item = self.make_batch(step)
+      except Exception as e:  # surfaced to the consumer
+        item = e
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      step += 1
+
+  def __iter__(self) -> Iterator[np.ndarray]:
+    return self
+
+  def __next__(self) -> np.ndarray:
+    item = self._queue.get()
+    if isinstance(item, Exception):
+      raise item
+    self.step += 1
+    return item
+
+  def close(self):
+    self._stop.set()
+    self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def eval_batches(source: Source, batch_size: int, num_examples: int | None = None,
+                 num_workers: int = 8) -> Iterator[np.ndarray]:
+  """The first ``num_examples`` of a split in order, as float32 [-1, 1] (B, H, W, C) batches."""
+  n = len(source) if num_examples is None else min(num_examples, len(source))
+  with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+    for start in range(0, n, batch_size):
+      imgs = np.stack(list(pool.map(source.__getitem__, range(start, min(start + batch_size, n)))))
+      yield imgs.astype(np.float32) / 127.5 - 1.0
+
+
+def default_num_workers() -> int:
+  return min(8, (os.cpu_count() or 2) * 2)

@@ -1,0 +1,187 @@
+"""Samplers against analytic denoisers: moments, ODE solutions, equivalences, tracing."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import diffusion, sampling
+from tests import analytic
+
+MEAN, STD = 0.3, 0.5
+N, D = 4000, 4  # samples x dimensions: 16000 draws per moment
+
+
+@pytest.fixture(scope="module")
+def schedule():
+  return diffusion.make_schedule("linear", 1000)
+
+
+@pytest.fixture(scope="module")
+def gauss(schedule):
+  return analytic.gaussian_eps_fn(schedule, MEAN, STD)
+
+
+def x_T(seed=0, n=N):
+  return jax.random.normal(jax.random.key(seed), (n, D))
+
+
+def assert_moments(x, mean, std):
+  x = np.asarray(x).ravel()
+  se_mean, se_std = std / np.sqrt(x.size), std / np.sqrt(2 * x.size)
+  assert abs(x.mean() - mean) < 5 * se_mean, (x.mean(), mean)
+  assert abs(x.std() - std) < 5 * se_std + 2e-3, (x.std(), std)
+
+
+def test_ddpm_1000_steps_matches_data_moments(schedule, gauss):
+  assert_moments(sampling.ddpm_sample(gauss, schedule, x_T(), jax.random.key(1)), MEAN, STD)
+
+
+def test_ddpm_large_variance_also_matches(schedule, gauss):
+  x = sampling.ddpm_sample(gauss, schedule, x_T(), jax.random.key(1), variance="large")
+  assert_moments(x, MEAN, STD)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_1000_steps_matches_data_moments(schedule, gauss, eta):
+  x = sampling.ddim_sample(gauss, schedule, x_T(), jax.random.key(2), num_steps=1000, eta=eta)
+  assert_moments(x, MEAN, STD)
+
+
+def test_ddim_eta1_all_steps_is_ddpm_posterior_step(schedule):
+  """With all T steps and eta=1, DDIM's sigma_t^2 is DDPM's posterior variance, and its mean
+  equals the posterior mean: one step of each from the same x_t agrees for any eps_fn."""
+  ab, ab_prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
+  sigma2 = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+  # float32 cancellation in 1 - ab/ab_prev limits the agreement to ~1e-3.
+  np.testing.assert_allclose(sigma2[1:], schedule.posterior_variance[1:], rtol=2e-3)
+  eps_fn = lambda x, t: jnp.sin(3 * x) + 0.01 * t[:, None]  # noqa: E731  (any function)
+  x = x_T(3, 64)
+  for t in (999, 500, 3):
+    tv = jnp.full((64,), t, jnp.int32)
+    eps = eps_fn(x, tv)
+    x0 = diffusion.eps_to_x0(schedule, x, tv, eps)
+    mean, _, _ = diffusion.q_posterior(schedule, x0, x, tv)
+    ddim_mean = (jnp.sqrt(ab_prev[t]) * x0
+                 + jnp.sqrt(1 - ab_prev[t] - sigma2[t]) * eps)
+    np.testing.assert_allclose(ddim_mean, mean, atol=2e-4)
+
+
+def test_ddim_and_ddpm_agree_in_distribution_on_a_mixture(schedule):
+  w, mu, s = [0.3, 0.7], [-0.6, 0.5], [0.1, 0.2]
+  eps_fn = analytic.mixture_eps_fn(schedule, w, mu, s)
+  m, sd = analytic.mixture_moments(w, mu, s)
+  a = np.asarray(sampling.ddpm_sample(eps_fn, schedule, x_T(4), jax.random.key(5))).ravel()
+  b = np.asarray(sampling.ddim_sample(eps_fn, schedule, x_T(6), jax.random.key(7),
+                                      num_steps=1000, eta=1.0)).ravel()
+  for x in (a, b):
+    assert_moments(x, m, sd)
+    assert abs(np.mean(x < 0) - 0.3) < 0.02  # mass of the left component
+  # Two-sample Kolmogorov-Smirnov statistic; 0.025 is above its 0.1% critical value.
+  grid = np.linspace(-1.2, 1.2, 241)
+  ks = np.max(np.abs((a[:, None] <= grid).mean(0) - (b[:, None] <= grid).mean(0)))
+  assert ks < 0.025, ks
+
+
+def ode_errors(sampler, schedule, gauss, steps_list, **kw):
+  """Mean absolute distance to the exact probability-flow ODE solution."""
+  x = x_T(8, 512)
+  exact = analytic.gaussian_ode_solution(schedule, x, MEAN, STD)
+  return [float(np.abs(np.asarray(sampler(gauss, schedule, x, jax.random.key(0),
+                                          num_steps=n, **kw)) - exact).mean())
+          for n in steps_list]
+
+
+def test_ddim_discretisation_error_shrinks_with_steps(schedule, gauss):
+  errs = ode_errors(sampling.ddim_sample, schedule, gauss, [10, 20, 50, 100, 1000])
+  assert all(a > b for a, b in zip(errs, errs[1:])), errs
+  assert errs[-1] < 0.01, errs
+
+
+def test_dpm_solver_converges_to_the_same_ode_solution_faster(schedule, gauss):
+  dpm = ode_errors(sampling.dpm_solver_pp_sample, schedule, gauss, [10, 20, 50, 100, 1000])
+  assert all(a > b for a, b in zip(dpm, dpm[1:])), dpm
+  ddim100 = ode_errors(sampling.ddim_sample, schedule, gauss, [100])[0]
+  assert dpm[1] < ddim100, (dpm, ddim100)  # 20 DPM-Solver++ steps beat 100 DDIM steps
+  assert dpm[-1] < 0.01
+
+
+def test_dpm_solver_and_ddim_meet_on_a_mixture(schedule):
+  """No closed form here: both converge to one solution as steps grow."""
+  eps_fn = analytic.mixture_eps_fn(schedule, [0.3, 0.7], [-0.6, 0.5], [0.1, 0.2])
+  x = x_T(9, 512)
+  ref = np.asarray(sampling.dpm_solver_pp_sample(eps_fn, schedule, x, num_steps=1000))
+  def gap(f, n):
+    return float(np.abs(np.asarray(f(eps_fn, schedule, x, jax.random.key(0), num_steps=n))
+                        - ref).mean())
+  ddim = [gap(sampling.ddim_sample, n) for n in (25, 100, 500)]
+  assert ddim[0] > ddim[1] > ddim[2]
+  assert gap(sampling.dpm_solver_pp_sample, 20) < ddim[1]
+
+
+def test_ddim_eta_adds_noise_and_zero_eta_is_deterministic(schedule, gauss):
+  x = x_T(10, 64)
+  a = sampling.ddim_sample(gauss, schedule, x, jax.random.key(1), num_steps=20, eta=0.0)
+  b = sampling.ddim_sample(gauss, schedule, x, jax.random.key(2), num_steps=20, eta=0.0)
+  np.testing.assert_array_equal(a, b)
+  c = sampling.ddim_sample(gauss, schedule, x, jax.random.key(1), num_steps=20, eta=1.0)
+  d = sampling.ddim_sample(gauss, schedule, x, jax.random.key(2), num_steps=20, eta=1.0)
+  assert float(jnp.abs(c - d).mean()) > 0.05
+
+
+@pytest.mark.parametrize("spacing", sampling.SPACINGS)
+def test_timestep_sequences(spacing, schedule):
+  ac = schedule.alphas_cumprod_np()
+  for n in (1, 10, 50, 100, 1000):
+    ts = sampling.timestep_sequence(1000, n, spacing, ac)
+    assert len(ts) == n and ts.dtype == np.int32
+    assert np.all(np.diff(ts) < 0) and ts.min() >= 0 and ts.max() <= 999
+  if spacing != "quadratic":  # the others start from pure noise
+    assert sampling.timestep_sequence(1000, 10, spacing, ac)[0] == 999
+  assert sampling.timestep_sequence(1000, 10, "trailing").tolist() == list(range(999, 0, -100))
+
+
+def test_bad_step_counts_are_clear_errors():
+  with pytest.raises(ValueError, match="num_steps must be in"):
+    sampling.timestep_sequence(1000, 0)
+  with pytest.raises(ValueError, match="unknown timestep spacing"):
+    sampling.timestep_sequence(1000, 10, "cubic")
+
+
+def test_sampler_traces_the_model_once_and_reuses_the_compiled_scan(schedule):
+  traces = []
+
+  def eps_fn(x, t):
+    traces.append(1)  # runs only while tracing
+    return 0.1 * x
+
+  for seed in range(3):  # new inputs, same shapes: no new trace
+    sampling.ddim_sample(eps_fn, schedule, x_T(seed, 8), jax.random.key(seed), num_steps=50)
+  assert len(traces) == 1
+  chex.clear_trace_counter()
+
+  @chex.assert_max_traces(n=1)
+  def counted(x, t):
+    return 0.1 * x
+
+  for seed in range(3):
+    sampling.dpm_solver_pp_sample(counted, schedule, x_T(seed, 8), num_steps=25)
+
+
+def test_frames_record_the_trajectory(schedule, gauss):
+  x = x_T(11, 16)
+  out, frames = sampling.ddim_sample(gauss, schedule, x, jax.random.key(0), num_steps=10,
+                                     num_frames=5)
+  assert frames.shape == (5, 2, 16, D)
+  np.testing.assert_allclose(frames[-1, 0], out)  # last frame is the final sample
+  plain = sampling.ddim_sample(gauss, schedule, x, jax.random.key(0), num_steps=10)
+  np.testing.assert_allclose(out, plain, atol=1e-6)
+
+
+def test_clipping_keeps_predicted_x0_in_range(schedule):
+  wild = lambda x, t: -30.0 * jnp.ones_like(x)  # noqa: E731  (x0 prediction far above 1)
+  for sampler in ("ddpm", "ddim", "dpm_solver++"):
+    _, frames = sampling.sample(sampler, wild, schedule, x_T(12, 8), jax.random.key(0),
+                                num_steps=10, clip_x0=True, num_frames=4)
+    assert float(jnp.abs(frames[:, 1]).max()) <= 1.0 + 1e-5

@@ -1,0 +1,139 @@
+"""Train step: pmap equals one device, loss falls, checkpoints round-trip, resume is exact."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import checkpoint as ckpt_lib
+from ddpm_jax import diffusion, models, parallel, train
+from tests.conftest import tiny_config
+
+
+def setup(config):
+  model = models.create_model(config)
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  tx = train.make_optimizer(config)
+  state = train.create_train_state(config, model, tx, jax.random.key(0))
+  return model, schedule, tx, state
+
+
+def batch(n, size=8, seed=0):
+  return np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def test_four_devices_equal_one_device_on_the_same_global_batch():
+  assert jax.local_device_count() == 4, "conftest forces 4 CPU devices"
+  config = tiny_config()
+  model, schedule, tx, state = setup(config)
+  x, key = batch(8), jax.random.key(3)
+  single = jax.jit(train.make_train_step(config, model, schedule, tx, axis_name=None))
+  s1, m1 = single(state, x, key)
+  s1, m1 = single(s1, batch(8, seed=1), key)
+  p_step = train.make_p_train_step(config, model, schedule, tx)
+  sr = parallel.replicate(state)
+  for seed in (0, 1):
+    sr, m4 = p_step(sr, parallel.shard(batch(8, seed=seed).reshape(4, 1, 2, 8, 8, 3)), key)
+  s4 = parallel.unreplicate(sr)
+  np.testing.assert_allclose(float(m4["loss"][0, 0]), float(m1["loss"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s4.params), jax.tree.leaves(s1.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(s4.ema_params), jax.tree.leaves(s1.ema_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert int(s4.step) == int(s1.step) == 2
+
+
+def test_loss_decreases_on_a_tiny_run():
+  config = tiny_config(**{"optim.learning_rate": 3e-3, "optim.warmup_steps": 0})
+  model, schedule, tx, state = setup(config)
+  step = jax.jit(train.make_train_step(config, model, schedule, tx, axis_name=None))
+  x = batch(32)
+  x = np.where(x > 0, 0.8, -0.8).astype(np.float32)  # a few sharp images to fit
+  losses = []
+  for i in range(60):
+    state, m = step(state, x, jax.random.key(i))
+    losses.append(float(m["loss"]))
+  assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_non_finite_step_is_skipped_and_counted():
+  config = tiny_config()
+  model, schedule, tx, state = setup(config)
+  step = jax.jit(train.make_train_step(config, model, schedule, tx, axis_name=None))
+  bad = batch(8)
+  bad[0, 0, 0, 0] = np.nan
+  new, m = step(state, bad, jax.random.key(0))
+  assert int(m["skipped"]) == 1 and int(new.step) == 1
+  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
+  _, m = step(new, batch(8), jax.random.key(0))
+  assert int(m["skipped"]) == 0
+
+
+def test_ema_follows_the_warmup_formula():
+  config = tiny_config(**{"training.ema_decay": 0.999, "training.ema_warmup": True})
+  for n, want in ((0, 0.1), (10, 11 / 20), (100000, 0.999)):
+    np.testing.assert_allclose(float(train.ema_decay_at(jnp.int32(n), config)), want, rtol=1e-6)
+
+
+def test_checkpoint_save_restore_is_identical(tmp_path):
+  config = tiny_config()
+  model, schedule, tx, state = setup(config)
+  step = jax.jit(train.make_train_step(config, model, schedule, tx, axis_name=None))
+  state, _ = step(state, batch(8), jax.random.key(0))  # non-trivial optimizer state
+  state = jax.device_get(state)
+  mngr = ckpt_lib.make_manager(str(tmp_path), async_save=True)
+  ckpt_lib.save(mngr, 1, state, config)
+  mngr.wait_until_finished()
+  fresh = ckpt_lib.make_manager(str(tmp_path), read_only=True)
+  assert fresh.latest_step() == 1
+  restored = ckpt_lib.restore(fresh, jax.eval_shape(lambda: state))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+    assert np.asarray(a).dtype == np.asarray(b).dtype
+  assert ckpt_lib.restore_config(fresh).to_dict() == config.to_dict()
+
+
+def test_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tmp_path, data_dir):
+  config = tiny_config(**{"data.data_dir": data_dir, "training.num_train_steps": 4,
+                          "training.checkpoint_every_steps": 2, "model.dropout": 0.1})
+  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  half = tiny_config(**{"data.data_dir": data_dir, "training.num_train_steps": 2,
+                        "training.checkpoint_every_steps": 2, "model.dropout": 0.1})
+  train.train_and_evaluate(half, str(tmp_path / "resumed"))
+  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert int(resumed.step) == int(full.step) == 4
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(full)):
+    np.testing.assert_array_equal(a, b)
+  assert os.path.exists(tmp_path / "full" / "metrics.jsonl")
+
+
+def test_multi_step_dispatch_equals_single_steps():
+  config = tiny_config()
+  model, schedule, tx, state = setup(config)
+  ts = train.make_train_step(config, model, schedule, tx, axis_name=None)
+  xs = np.stack([batch(8, seed=i) for i in range(3)])
+  s_multi, m = jax.jit(train.make_multi_step(ts, 3))(state, xs, jax.random.key(0))
+  s = state
+  for i in range(3):
+    s, _ = jax.jit(ts)(s, xs[i], jax.random.key(0))
+  assert m["loss"].shape == (3,)
+  for a, b in zip(jax.tree.leaves(s_multi), jax.tree.leaves(s)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # Adam amplifies ulp noise
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"data.image_size": 12, "model.ch_mult": (1, 2, 2, 2)}, "must be divisible by"),
+    ({"training.batch_size": 6}, "not divisible by the 4 devices"),
+    ({"model.attn_resolutions": (5,)}, "feature maps"),
+    ({"diffusion.schedule": "sigmoid"}, "unknown diffusion.schedule"),
+    ({"sampling.sampler": "euler"}, "unknown sampling.sampler"),
+])
+def test_invalid_configs_fail_with_one_line(bad, match):
+  from ddpm_jax import config_lib
+  with pytest.raises(config_lib.ConfigError, match=match) as e:
+    config_lib.validate(tiny_config(**bad), jax.device_count())
+  assert "\n" not in str(e.value)
