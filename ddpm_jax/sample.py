@@ -111,7 +111,7 @@ def sample_and_save(config, workdir: str) -> str:
   params, step = load_params(config, workdir)
   model = models.create_model(config)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  out_dir = os.path.join(workdir, "samples", s.name or default_name(config, step))
+  out_dir = os.path.join(os.path.abspath(workdir), "samples", s.name or default_name(config, step))
   os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
   n_dev, n_proc = jax.local_device_count(), jax.process_count()
   local_batch = parallel.check_batch_size(s.batch_size, "sampling.batch_size") * n_dev

@@ -1,0 +1,204 @@
+"""TFDS builders for folders of images: any folder (``image_folder``) and the Kaggle
+"another anime face dataset" (``anime_faces``, manual download).
+
+Images are read once, at preparation: converted to RGB (grayscale, RGBA and LA over
+white, palette, CMYK, 16-bit), centre-cropped, resized with antialiasing to the
+configured size and stored as PNG records (ArrayRecord), so training reads small
+records, not the originals. Files that cannot be decoded (corrupt, truncated,
+empty, not images) are skipped, counted and reported once with example paths.
+The train/test split is a pure function of each file's path relative to the folder
+(md5 hash), so it never changes as long as the files don't.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import os
+import zipfile
+
+import numpy as np
+from absl import logging
+from PIL import Image, ImageFile
+
+from ddpm_jax.datasets import DatasetError
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # allow big photos; bombs beyond are skipped
+
+ANIME_INSTRUCTIONS = """\
+Download the Kaggle "another anime face dataset" (scribbless/another-anime-face-dataset,
+about 92k 256x256 JPEGs in animefaces256cleaner/) from
+  https://www.kaggle.com/datasets/scribbless/another-anime-face-dataset
+(`kaggle datasets download -d scribbless/another-anime-face-dataset`), and put either the
+zip (archive.zip) or the extracted animefaces256cleaner/ folder into the manual folder:
+  --config.data.manual_dir=DIR   (default: <data_dir>/downloads/manual)"""
+
+
+def list_images(folder: str) -> list[str]:
+  """Image files under ``folder`` (recursive), relative paths, sorted."""
+  out = []
+  for root, _, files in os.walk(folder):
+    for f in files:
+      if f.lower().endswith(EXTENSIONS):
+        out.append(os.path.relpath(os.path.join(root, f), folder))
+  return sorted(out)
+
+
+def is_test(relpath: str, test_percent: float) -> bool:
+  h = int(hashlib.md5(relpath.replace(os.sep, "/").encode()).hexdigest()[:8], 16)
+  return (h % 10000) < test_percent * 100
+
+
+def load_rgb(path: str, size: int) -> np.ndarray:
+  """Decodes any supported image to uint8 RGB (size, size, 3); raises on a bad file."""
+  from ddpm_jax.input_pipeline import center_crop_resize
+  ImageFile.LOAD_TRUNCATED_IMAGES = False
+  with Image.open(path) as im:
+    if im.format == "JPEG":
+      im.draft("RGB", (size * 2, size * 2))  # decode big JPEGs at reduced scale
+    im.load()
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+      arr = np.asarray(im, np.float64)
+      arr = arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0
+      im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+      im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+      bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+      im = Image.alpha_composite(bg, im.convert("RGBA"))
+    im = im.convert("RGB")
+    arr = np.asarray(im)
+  if arr.ndim != 3 or min(arr.shape[:2]) < 1:
+    raise ValueError(f"unexpected image shape {arr.shape}")
+  return center_crop_resize(arr, size)
+
+
+def _try_load(folder, rel, size):
+  try:
+    return rel, load_rgb(os.path.join(folder, rel), size), None
+  except Exception as e:  # corrupt, truncated, empty, not an image, too big
+    return rel, None, f"{type(e).__name__}: {e}"
+
+
+def _tfds():
+  from ddpm_jax.datasets import _tfds as get
+  return get()
+
+
+def _builder_classes():
+  tfds = _tfds()
+
+  @dataclasses.dataclass
+  class FolderConfig(tfds.core.BuilderConfig):
+    folder: str = ""
+    image_size: int = 64
+    test_percent: float = 2.0
+
+  class ImageFolderImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Images of one folder, resized; splits 'train' and 'test' by path hash."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      s = self.builder_config.image_size
+      return self.dataset_info_from_configs(
+          description=f"Images from {self.builder_config.folder}",
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(shape=(s, s, 3)),
+              "path": tfds.features.Text()}))
+
+    def _folder(self, dl_manager):
+      return self.builder_config.folder
+
+    def _split_generators(self, dl_manager):
+      folder = self._folder(dl_manager)
+      files = list_images(folder)
+      if not files:
+        raise DatasetError(f"no image files ({', '.join(EXTENSIONS)}) under {folder!r}")
+      size = self.builder_config.image_size
+      # A first pass finds the readable files, so that neither split ends up empty.
+      with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda f: _try_load(folder, f, size)[::2], files))
+      skipped = [(rel, err) for rel, err in results if err is not None]
+      good = [rel for rel, err in results if err is None]
+      if skipped:
+        examples = "; ".join(f"{p} ({e[:60]})" for p, e in skipped[:3])
+        logging.warning("skipped %d of %d files in %s that could not be read as images, "
+                        "e.g. %s", len(skipped), len(files), folder, examples)
+      if not good:
+        raise DatasetError(f"no usable image under {folder!r}: all {len(files)} image files "
+                           f"were unreadable, e.g. {skipped[0][0]} ({skipped[0][1][:60]})")
+      pct = self.builder_config.test_percent
+      train = [f for f in good if not is_test(f, pct)]
+      test = [f for f in good if is_test(f, pct)]
+      if not test or not train:  # tiny folders: keep an image on each side
+        train, test = good[:-1] or good, good[-1:]
+      return {"train": self._generate_examples(folder, train),
+              "test": self._generate_examples(folder, test)}
+
+    def _generate_examples(self, folder, files):
+      size = self.builder_config.image_size
+      with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for rel, img, _ in pool.map(lambda f: _try_load(folder, f, size), files):
+          if img is not None:  # a file that changed since the first pass is dropped
+            yield rel, {"image": img, "path": rel}
+
+  class AnimeFaces(ImageFolderImages, skip_registration=True):
+    """The Kaggle "another anime face dataset" (about 92k 256x256 JPEGs), manual download."""
+    MANUAL_DOWNLOAD_INSTRUCTIONS = ANIME_INSTRUCTIONS
+
+    def _folder(self, dl_manager):
+      return find_anime_folder(str(dl_manager.manual_dir))
+
+  return FolderConfig, ImageFolderImages, AnimeFaces
+
+
+def find_anime_folder(manual_dir: str) -> str:
+  """The folder of anime-face JPEGs in ``manual_dir``: extracted, or unzipped from a zip."""
+  if not os.path.isdir(manual_dir):
+    raise DatasetError(f"the anime_faces manual folder {manual_dir!r} does not exist.\n"
+                       + ANIME_INSTRUCTIONS)
+  for cand in ("animefaces256cleaner", os.path.join("archive", "animefaces256cleaner"), "."):
+    path = os.path.join(manual_dir, cand)
+    if os.path.isdir(path) and any(f.lower().endswith(EXTENSIONS) for f in os.listdir(path)):
+      return path
+  zips = sorted(f for f in os.listdir(manual_dir) if f.lower().endswith(".zip"))
+  for z in zips:
+    target = os.path.join(manual_dir, "extracted")
+    logging.info("extracting %s to %s", z, target)
+    with zipfile.ZipFile(os.path.join(manual_dir, z)) as zf:
+      zf.extractall(target)
+    for root, _, files in os.walk(target):
+      if any(f.lower().endswith(EXTENSIONS) for f in files):
+        return root
+  raise DatasetError(f"no anime-face images or zip in {manual_dir!r}.\n" + ANIME_INSTRUCTIONS)
+
+
+def prepared_builder(config):
+  """Prepares (once) and returns the builder for an ``image_folder`` or ``anime_faces`` config."""
+  from ddpm_jax.datasets import data_dir
+  tfds = _tfds()
+  FolderConfig, ImageFolderImages, AnimeFaces = _builder_classes()
+  d = config.data
+  size = d.image_size
+  if d.dataset.startswith("anime_faces"):
+    manual = d.manual_dir or os.path.join(data_dir(config), "downloads", "manual")
+    cfg = FolderConfig(name=f"{size}px", folder="", image_size=size)
+    builder = AnimeFaces(config=cfg, data_dir=data_dir(config), file_format="array_record")
+    if not builder.is_prepared():
+      find_anime_folder(manual)  # a clear error before TFDS starts
+      builder.download_and_prepare(file_format="array_record", download_config=
+                                   tfds.download.DownloadConfig(manual_dir=manual))
+    return builder
+  if not d.folder:
+    raise DatasetError("data.dataset=image_folder needs --config.data.folder=PATH")
+  folder = os.path.abspath(os.path.expanduser(d.folder))
+  if not os.path.isdir(folder):
+    raise DatasetError(f"image folder {folder!r} does not exist")
+  tag = hashlib.md5(folder.encode()).hexdigest()[:10]
+  cfg = FolderConfig(name=f"{size}px_{tag}", folder=folder, image_size=size,
+                     description=f"images of {folder}")
+  builder = ImageFolderImages(config=cfg, data_dir=data_dir(config), file_format="array_record")
+  builder.download_and_prepare(file_format="array_record")
+  return builder
