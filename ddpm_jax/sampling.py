@@ -226,6 +226,41 @@ def dpm_solver_pp_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.A
   return (x0, frames) if num_frames else x0
 
 
+@functools.partial(jax.jit, static_argnames=("eps_fn", "num_steps", "spacing"))
+def ddim_invert(eps_fn: EpsFn, schedule: diffusion.Schedule, x0: jax.Array,
+                num_steps: int = 50, spacing: str = "uniform"):
+  """Deterministic DDIM run backwards (Song et al. 2021, sec. 4.3): data -> x_T.
+
+  Visits the same timesteps as ``ddim_sample(..., num_steps, spacing)`` in reverse,
+  so ``ddim_sample(eta=0)`` of the result reconstructs x0 up to discretisation
+  error, which falls as ``num_steps`` grows. The model is evaluated at the start of
+  each step (at t=0 for the first step out of the data).
+  """
+  ts = timestep_sequence(schedule.num_timesteps, num_steps, spacing,
+                         schedule.alphas_cumprod_np())[::-1]
+  ts_from = np.append(-1, ts[:-1]).astype(np.int32)
+
+  def step(x, inp):
+    t_from, t_to = inp
+    eps = eps_fn(x, _tvec(x, jnp.maximum(t_from, 0))).astype(x.dtype)
+    ab_from, ab_to = _alpha_bar_at(schedule, t_from), _alpha_bar_at(schedule, t_to)
+    x0_pred = (x - jnp.sqrt(1 - ab_from) * eps) / jnp.sqrt(ab_from)
+    return (jnp.sqrt(ab_to) * x0_pred + jnp.sqrt(1 - ab_to) * eps).astype(x.dtype), None
+
+  x_T, _ = jax.lax.scan(step, x0, (jnp.asarray(ts_from), jnp.asarray(ts.astype(np.int32))))
+  return x_T
+
+
+def slerp(a: jax.Array, b: jax.Array, w: jax.Array) -> jax.Array:
+  """Spherical interpolation between noise tensors a and b (flattened per example)."""
+  af, bf = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+  cos = jnp.sum(af * bf, -1) / (jnp.linalg.norm(af, axis=-1) * jnp.linalg.norm(bf, axis=-1))
+  theta = jnp.arccos(jnp.clip(cos, -1.0, 1.0)).reshape((-1,) + (1,) * (a.ndim - 1))
+  w = jnp.asarray(w, a.dtype).reshape((-1,) + (1,) * (a.ndim - 1))
+  sin = jnp.maximum(jnp.sin(theta), 1e-6)
+  return (jnp.sin((1 - w) * theta) * a + jnp.sin(w * theta) * b) / sin
+
+
 def model_eps_fn(apply_fn: Callable, params, schedule: diffusion.Schedule,
                  prediction_type: str = "epsilon") -> EpsFn:
   """Wraps a network ``apply_fn(params, x_t, t) -> prediction`` as an ``eps_fn``."""

@@ -56,6 +56,16 @@ def test_train_then_bare_sample_as_on_the_design_card(tmp_path, data_dir):
                    "--config.sampling.num_frames=0", cwd=tmp_path).stdout.strip().splitlines()[-1]
   assert "dpm_solver++5" in other and not os.path.exists(os.path.join(other, "denoise.gif"))
 
+  interp = run_main("--mode=interpolate", cwd=tmp_path).stdout.strip().splitlines()[-1]
+  strip = Image.open(os.path.join(interp, "strip.png"))
+  assert strip.width > strip.height  # 4 rows of 9
+  assert Image.open(os.path.join(interp, "interpolation.gif")).n_frames == 16
+  rec = run_main("--mode=reconstruct", cwd=tmp_path).stdout.strip().splitlines()[-1]
+  report = json.load(open(os.path.join(rec, "error.json")))
+  assert report["num_images"] == 8 and np.isfinite(report["psnr_db"])
+  for name in ("originals.png", "reconstructions.png", "error.png"):
+    assert Image.open(os.path.join(rec, name)).size[0] > 8
+
 
 def test_sample_without_a_checkpoint_is_one_clear_line(tmp_path):
   proc = run_main("--mode=sample", "--workdir", str(tmp_path / "empty"), cwd=tmp_path,
@@ -112,3 +122,49 @@ def test_signal_saves_and_exits_zero_and_a_restart_resumes(tmp_path, data_dir, s
   resumed = run_main(*tiny_flags(data_dir, f"--config.training.num_train_steps={saved[0] + 2}"),
                      "--workdir", str(w), cwd=tmp_path)
   assert f"resumed from step {saved[0]}" in resumed.stderr
+
+
+def _final_params(workdir):
+  import jax
+
+  from ddpm_jax import checkpoint as ckpt_lib
+  from ddpm_jax import models, train
+  from tests.conftest import tiny_config
+  mngr = ckpt_lib.make_manager(str(workdir), read_only=True, async_save=False)
+  config = tiny_config()
+  model, tx = models.create_model(config), train.make_optimizer(config)
+  template = jax.eval_shape(lambda: train.create_train_state(config, model, tx,
+                                                             jax.random.key(0)))
+  return mngr.latest_step(), ckpt_lib.restore(mngr, template)
+
+
+def test_sigkill_at_random_moments_then_restart_is_bitwise_exact(tmp_path, data_dir):
+  steps = 30
+  flags = tiny_flags(data_dir, f"--config.training.num_train_steps={steps}",
+                     "--config.training.checkpoint_every_steps=3", "--config.model.dropout=0.1")
+  run_main(*flags, "--workdir", str(tmp_path / "straight"), cwd=tmp_path)
+  w = tmp_path / "killed"
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+  rng = np.random.default_rng()
+  kills = 0
+  for _ in range(3):
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"), *flags,
+                             "--workdir", str(w)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start = time.time()
+    while not os.path.exists(w / "metrics.jsonl") and proc.poll() is None:
+      time.sleep(0.05)
+      assert time.time() - start < 300
+    time.sleep(rng.uniform(0.0, 1.5))  # somewhere in training, or in a checkpoint write
+    if proc.poll() is None:
+      proc.kill()
+      kills += 1
+    proc.wait()
+  run_main(*flags, "--workdir", str(w), cwd=tmp_path)  # finish the run
+  assert kills >= 1
+  step_a, a = _final_params(tmp_path / "straight")
+  step_b, b = _final_params(w)
+  assert step_a == step_b == steps
+  import jax
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)

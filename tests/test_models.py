@@ -19,9 +19,10 @@ def test_cifar10_config_has_the_ddpm_parameter_count():
 def test_output_shape_and_dtype():
   config = tiny_config()
   model = models.create_model(config)
-  params = models.init_params(model, jax.random.key(0), 8)
+  params = jax.jit(lambda k: models.init_params(model, k, 8))(jax.random.key(0))
   x = jnp.ones((3, 8, 8, 3))
-  y = model.apply({"params": params}, x, jnp.array([0, 5, 99]), train=False)
+  y = jax.jit(model.apply, static_argnames="train")({"params": params}, x,
+                                                   jnp.array([0, 5, 99]), train=False)
   assert y.shape == x.shape and y.dtype == jnp.float32
 
 

@@ -185,3 +185,29 @@ def test_clipping_keeps_predicted_x0_in_range(schedule):
     _, frames = sampling.sample(sampler, wild, schedule, x_T(12, 8), jax.random.key(0),
                                 num_steps=10, clip_x0=True, num_frames=4)
     assert float(jnp.abs(frames[:, 1]).max()) <= 1.0 + 1e-5
+
+
+def test_ddim_inversion_round_trip_error_falls_with_steps(schedule, gauss):
+  x0 = MEAN + STD * jax.random.normal(jax.random.key(13), (256, D))
+  errs = []
+  for n in (10, 50, 200):
+    x_T_inv = sampling.ddim_invert(gauss, schedule, x0, num_steps=n)
+    back = sampling.ddim_sample(gauss, schedule, x_T_inv, jax.random.key(0), num_steps=n)
+    errs.append(float(jnp.abs(back - x0).mean()))
+  assert errs[0] > errs[1] > errs[2], errs
+  assert errs[-1] < 0.02  # data std is 0.5
+  # The inverted noise is (close to) standard normal, as x_T should be.
+  x_T_inv = sampling.ddim_invert(gauss, schedule, x0, num_steps=200)
+  assert abs(float(x_T_inv.std()) - 1.0) < 0.1 and abs(float(x_T_inv.mean())) < 0.1
+
+
+def test_slerp_endpoints_and_norm():
+  a, b = x_T(14, 4), x_T(15, 4)
+  np.testing.assert_allclose(sampling.slerp(a, b, jnp.zeros(4)), a, atol=1e-5)
+  np.testing.assert_allclose(sampling.slerp(a, b, jnp.ones(4)), b, atol=1e-5)
+  mid = sampling.slerp(a, b, jnp.full(4, 0.5))
+  # For near-orthogonal high-dimensional noise, the midpoint keeps the norm (lerp would not).
+  big_a, big_b = x_T(16, 2).repeat(1000, 1), x_T(17, 2).repeat(1000, 1)
+  m = sampling.slerp(big_a, big_b, jnp.full(2, 0.5))
+  ratio = jnp.linalg.norm(m, axis=1) / jnp.linalg.norm(big_a, axis=1)
+  assert mid.shape == a.shape and float(jnp.abs(ratio - 1).max()) < 0.1
