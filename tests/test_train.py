@@ -137,3 +137,23 @@ def test_invalid_configs_fail_with_one_line(bad, match):
   with pytest.raises(config_lib.ConfigError, match=match) as e:
     config_lib.validate(tiny_config(**bad), jax.device_count())
   assert "\n" not in str(e.value)
+
+
+def test_absurd_learning_rate_is_stopped_and_the_last_checkpoint_still_samples(tmp_path,
+                                                                                data_dir):
+  from ddpm_jax import sample as sample_lib
+  config = tiny_config(**{"data.data_dir": data_dir, "optim.learning_rate": 1e30,
+                          "optim.warmup_steps": 0, "optim.grad_clip_norm": 0.0,
+                          "training.num_train_steps": 50, "training.checkpoint_every_steps": 1,
+                          "training.max_bad_steps": 3})
+  with pytest.raises(train.DivergenceError, match=r"consecutive steps .* the last good checkpoint"
+                     r" is step \d+"):
+    train.train_and_evaluate(config, str(tmp_path))
+  mngr = ckpt_lib.make_manager(str(tmp_path), read_only=True)
+  assert mngr.latest_step() is not None and mngr.latest_step() < 50
+  lines = [__import__("json").loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  assert sum(x["skipped"] for x in lines) >= 3
+  config.sampling.num_frames = 0
+  out = sample_lib.sample_and_save(config, str(tmp_path))
+  imgs = np.load(os.path.join(out, "samples.npz"))["samples"]
+  assert imgs.shape == (8, 8, 8, 3) and np.isfinite(imgs).all()
