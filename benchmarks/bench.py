@@ -156,8 +156,9 @@ def main():
   p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "latest.json"))
   args = p.parse_args()
 
-  import ddpm_jax  # noqa: F401  (sets its default XLA flags before JAX starts)
   import jax
+
+  import ddpm_jax  # noqa: F401  (sets its default XLA flags before JAX starts)
   device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
   result = {"machine": machine_info(), "batch": args.batch, "big_batch": args.big_batch,
             "bf16": args.bf16, "ours": {"side": "ddpm_jax"}, "peers": [], "time": time.time()}

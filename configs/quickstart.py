@@ -26,5 +26,9 @@ def get_config():
   config.training.log_every_steps = 100
   config.training.checkpoint_every_steps = 500
   config.sampling.num_samples = 64
-  config.sampling.num_steps = 50
+  # Stochastic DDIM (eta=1, 100 steps): with this briefly trained model it gave clearly
+  # cleaner faces than deterministic DDIM-50 or DPM-Solver++-25, whose samples kept
+  # speckle noise (compared on the same checkpoint); it costs ~20 s on 2 cores.
+  config.sampling.eta = 1.0
+  config.sampling.num_steps = 100
   return config

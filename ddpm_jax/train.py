@@ -189,7 +189,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   from absl import logging
 
   from ddpm_jax import checkpoint as ckpt_lib
-  from ddpm_jax import config_lib, input_pipeline, run_utils
+  from ddpm_jax import config_lib, images, input_pipeline, run_utils
   from ddpm_jax import sample as sample_lib
 
   config_lib.validate(config, jax.device_count())
@@ -260,6 +260,8 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
         if grid_sampler is not None and step % t.sample_every_steps == 0:
           grid = grid_sampler.grid(parallel.unreplicate(state_r.ema_params), num=16)
           writer.image(step, "samples/ema", grid)
+          images.save_png(os.path.join(workdir, "samples", "during_training", f"step{step}.png"),
+                          grid)
       if pending is not None:
         _report(pending, writer, progress, t, bad_streak, mngr, rate)
       if stop and mngr.latest_step() != step:

@@ -31,12 +31,15 @@ def tiny_flags(data_dir, *extra):
 
 def test_train_then_bare_sample_as_on_the_design_card(tmp_path, data_dir):
   """`main.py --config ... --workdir runs/` then a bare `main.py --mode=sample`."""
-  run_main(*tiny_flags(data_dir), "--workdir", "runs/", cwd=tmp_path)
+  run_main(*tiny_flags(data_dir, "--config.training.sample_every_steps=2"), "--workdir", "runs/",
+           cwd=tmp_path)
   ckpts = sorted(os.listdir(tmp_path / "runs" / "checkpoints"))
   assert "4" in ckpts
   lines = [json.loads(x) for x in open(tmp_path / "runs" / "metrics.jsonl")]
   assert [x["step"] for x in lines] == [1, 2, 3, 4] and all(np.isfinite(x["loss"]) for x in lines)
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "runs" / "tensorboard"))
+  grids = sorted(os.listdir(tmp_path / "runs" / "samples" / "during_training"))
+  assert grids == ["step2.png", "step4.png"]  # EMA sample grids every 2 steps
 
   out = run_main("--mode=sample", cwd=tmp_path).stdout.strip().splitlines()[-1]
   assert os.path.isdir(out)
