@@ -48,11 +48,13 @@ def main(argv):
   parallel.maybe_initialize_distributed()
   import jax
 
-  from ddpm_jax import config_lib, sample, train
+  from ddpm_jax import config_lib, run_utils, sample, train
   logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
   try:
     config = _config()
+    if config.training.get("compilation_cache", False):
+      run_utils.enable_compilation_cache()  # sampling modes reuse compiled samplers too
     if FLAGS.mode == "train":
       train.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
@@ -64,7 +66,7 @@ def main(argv):
   except (config_lib.ConfigError, sample.NoCheckpointError, train.DivergenceError) as e:
     raise SystemExit(f"error: {e}") from None
   except Exception as e:
-    from ddpm_jax import datasets, run_utils
+    from ddpm_jax import datasets
     if isinstance(e, (datasets.DatasetError, run_utils.WorkdirLocked)):
       raise SystemExit(f"error: {e}") from None
     raise

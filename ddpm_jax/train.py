@@ -129,7 +129,8 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
                            ema_params=keep(new_ema, state.ema_params),
                            opt_state=keep(new_opt_state, state.opt_state))
     metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=_global_norm(new_state.params),
-                   learning_rate=lr_fn(state.step), ema_decay=jnp.asarray(decay, jnp.float32),
+                   learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32),
+                   ema_decay=jnp.asarray(decay, jnp.float32),
                    skipped=1 - ok.astype(jnp.int32),
                    loss_bucket_sum=bucket_sum, loss_bucket_count=bucket_count)
     return new_state, metrics
@@ -286,18 +287,18 @@ def _report(pending, writer, progress, t, bad_streak, mngr, rate):
   step, metrics = pending
   m = summarize_metrics(metrics)
   bad_streak = bad_streak + m["skipped"] if m["last_skipped"] else 0
-  if bad_streak >= t.max_bad_steps:
-    raise DivergenceError(
-        f"training diverged: {bad_streak} consecutive steps with non-finite loss or gradients "
-        f"up to step {step}; the last good checkpoint is step {mngr.latest_step()}. Lower "
-        f"--config.optim.learning_rate or check the data, then rerun to resume from it.")
-  if step % t.log_every_steps < t.steps_per_dispatch or step >= t.num_train_steps:
+  if step % t.log_every_steps < t.steps_per_dispatch or step >= t.num_train_steps or bad_streak:
     now = time.time()
     m["steps_per_s"] = (step - rate["step"]) / max(now - rate["time"], 1e-9)
     m["images_per_s"] = m["steps_per_s"] * t.batch_size
     rate.update(time=now, step=step)
     m.pop("last_skipped")
     writer.scalars(step, m)
+  if bad_streak >= t.max_bad_steps:
+    raise DivergenceError(
+        f"training diverged: {bad_streak} consecutive steps with non-finite loss or gradients "
+        f"up to step {step}; the last good checkpoint is step {mngr.latest_step()}. Lower "
+        f"--config.optim.learning_rate or check the data, then rerun to resume from it.")
   progress.update(step, t.steps_per_dispatch, {"loss": f"{m['loss']:.4f}"})
   return bad_streak
 
