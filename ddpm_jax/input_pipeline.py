@@ -13,7 +13,6 @@ Batches come out shaped ``[local_devices, per_device_batch, H, W, C]``, float32 
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import queue
 import threading
 from typing import Iterator, Protocol
@@ -186,7 +185,3 @@ def eval_batches(source: Source, batch_size: int, num_examples: int | None = Non
     for start in range(0, n, batch_size):
       imgs = np.stack(list(pool.map(source.__getitem__, range(start, min(start + batch_size, n)))))
       yield imgs.astype(np.float32) / 127.5 - 1.0
-
-
-def default_num_workers() -> int:
-  return min(8, (os.cpu_count() or 2) * 2)

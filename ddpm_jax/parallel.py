@@ -14,10 +14,6 @@ import numpy as np
 AXIS = "batch"
 
 
-def local_device_count() -> int:
-  return jax.local_device_count()
-
-
 def check_batch_size(global_batch: int, what: str = "training.batch_size") -> int:
   """Returns the per-device batch, or raises a clear error if it does not divide."""
   n = jax.device_count()
@@ -58,15 +54,6 @@ def shard(batch: np.ndarray):
   if jax.process_count() > 1:
     return batch  # pmap assembles the global array from each process's local part
   return jax.device_put(batch, _local_sharding())
-
-
-def device_index():
-  """Global index of the current device along ``AXIS`` (inside a pmapped function)."""
-  return jax.lax.axis_index(AXIS)
-
-
-def pmean(tree):
-  return jax.lax.pmean(tree, AXIS)
 
 
 def is_multi_host_launch(env=None) -> bool:

@@ -184,6 +184,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   ``training.max_bad_steps`` consecutive non-finite steps (exit with an error then).
   Returns the final host state.
   """
+  import contextlib
   import os
   import time
 
@@ -206,7 +207,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   if latest is not None:
     config_lib.check_compatible(config, ckpt_lib.restore_config(mngr, latest).to_dict())
 
-  lock = run_utils.workdir_lock(workdir) if is_main else _nullcontext()
+  lock = run_utils.workdir_lock(workdir) if is_main else contextlib.nullcontext()
   with lock, run_utils.StopRequest() as stop:
     if is_main:
       ckpt_lib.write_config_json(workdir, config)
@@ -301,11 +302,3 @@ def _report(pending, writer, progress, t, bad_streak, mngr, rate):
         f"--config.optim.learning_rate or check the data, then rerun to resume from it.")
   progress.update(step, t.steps_per_dispatch, {"loss": f"{m['loss']:.4f}"})
   return bad_streak
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False

@@ -157,3 +157,12 @@ def test_absurd_learning_rate_is_stopped_and_the_last_checkpoint_still_samples(t
   out = sample_lib.sample_and_save(config, str(tmp_path))
   imgs = np.load(os.path.join(out, "samples.npz"))["samples"]
   assert imgs.shape == (8, 8, 8, 3) and np.isfinite(imgs).all()
+
+
+def test_multi_host_launch_detection():
+  assert not parallel.is_multi_host_launch({})
+  assert not parallel.is_multi_host_launch({"TPU_WORKER_HOSTNAMES": "localhost"})
+  assert parallel.is_multi_host_launch({"TPU_WORKER_HOSTNAMES": "t1,t2"})
+  assert parallel.is_multi_host_launch({"SLURM_NTASKS": "4"})
+  assert not parallel.is_multi_host_launch({"SLURM_NTASKS": "1"})
+  assert parallel.is_multi_host_launch({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
