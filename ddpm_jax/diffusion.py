@@ -212,3 +212,31 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
       jnp.where(x > 0.999, log_one_minus_cdf_min,
                 jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))))
   return log_probs
+
+
+def vlb_term(schedule: Schedule, eps_fn: Callable, x0, t, noise) -> jax.Array:
+  """One term of the variational bound (Ho et al. 2020, eq. 5), per example, in nats.
+
+  For t >= 1: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)), where p has the mean
+  of q with x0 predicted from ``eps_fn`` and the posterior ("fixed small") variance.
+  For t = 0: -log p(x0 | x_1) under the discretised Gaussian decoder (x0 must be
+  8-bit data scaled to [-1, 1]). ``x_t`` is ``q_sample(x0, t, noise)``.
+  """
+  x_t = q_sample(schedule, x0, t, noise)
+  eps = eps_fn(x_t, t).astype(jnp.float32)
+  x0_pred = jnp.clip(eps_to_x0(schedule, x_t, t, eps), -1.0, 1.0)
+  true_mean, _, true_log_var = q_posterior(schedule, x0, x_t, t)
+  model_mean, _, model_log_var = q_posterior(schedule, x0_pred, x_t, t)
+  axes = tuple(range(1, x0.ndim))
+  kl = jnp.sum(normal_kl(true_mean, true_log_var, model_mean, model_log_var), axis=axes)
+  nll = -jnp.sum(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var),
+                 axis=axes)
+  return jnp.where(t == 0, nll, kl)
+
+
+def prior_kl(schedule: Schedule, x0) -> jax.Array:
+  """KL(q(x_{T-1} | x0) || N(0, I)) per example, in nats (the bound's L_T)."""
+  T = schedule.num_timesteps
+  mean = schedule.sqrt_alphas_cumprod[T - 1] * x0
+  log_var = jnp.log(1.0 - schedule.alphas_cumprod[T - 1]) * jnp.ones_like(x0)
+  return jnp.sum(normal_kl(mean, log_var, 0.0, 0.0), axis=tuple(range(1, x0.ndim)))

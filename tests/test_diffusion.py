@@ -123,3 +123,48 @@ def test_normal_kl_closed_form():
   kl = diffusion.normal_kl(0.0, 0.0, 1.0, math.log(4.0))
   want = math.log(2.0) + (1 + 1) / (2 * 4) - 0.5
   np.testing.assert_allclose(float(kl), want, rtol=1e-6)
+
+
+def test_variational_bound_terms_match_the_closed_form_for_gaussian_data():
+  """Gaussian data N(mu, s^2) and the exact E[eps | x_t]: the expected KL of each term t >= 1
+  is D * coef1_t^2 * Var(x0 | x_t) / (2 * posterior_variance_t), and the prior KL has a
+  closed form too. Monte Carlo over data and noise must agree within its error."""
+  from tests import analytic
+  s = diffusion.make_schedule("linear", 1000)
+  mu, sd, n, d = 0.2, 0.3, 4096, 3
+  eps_fn = analytic.gaussian_eps_fn(s, mu, sd)
+  ab = np.asarray(s.alphas_cumprod, np.float64)
+  for t in (1, 50, 400, 999):
+    k1, k2 = jax.random.split(jax.random.key(t))
+    x0 = mu + sd * jax.random.normal(k1, (n, d))
+    noise = jax.random.normal(k2, (n, d))
+    terms = np.asarray(diffusion.vlb_term(s, eps_fn, x0, jnp.full((n,), t, jnp.int32), noise))
+    sig2 = 1 - ab[t]
+    var_x0 = sd**2 * sig2 / (ab[t] * sd**2 + sig2)
+    want = d * float(s.posterior_mean_coef1[t]) ** 2 * var_x0 / (2 * float(s.posterior_variance[t]))
+    se = terms.std() / np.sqrt(n)
+    # (+1e-5 nats: float32 rounding where the term itself is ~1e-7, at t=999)
+    assert abs(terms.mean() - want) < 5 * se + 1e-3 * want + 1e-5, (t, terms.mean(), want)
+  x0 = mu + sd * jax.random.normal(jax.random.key(0), (n, d))
+  a2, v = ab[-1], 1 - ab[-1]
+  want_prior = d * 0.5 * (-1 - np.log(v) + v + a2 * (mu**2 + sd**2))
+  np.testing.assert_allclose(float(diffusion.prior_kl(s, x0).mean()), want_prior, rtol=0.05)
+
+
+def test_decoder_term_matches_the_closed_form_for_a_perfect_denoiser():
+  """At t=0 a perfect denoiser puts the decoder's mean on x0 exactly (coef2 = 0), so each
+  pixel's likelihood is the mass of N(0, sigma^2) in +-1/255 (half-line at the edges)."""
+  s = diffusion.make_schedule("linear", 1000)
+  x0 = (jax.random.randint(jax.random.key(0), (64, 4, 4, 3), 0, 256) / 127.5 - 1).astype(
+      jnp.float32)
+  noise = jax.random.normal(jax.random.key(1), x0.shape)
+  perfect = lambda xt, t: diffusion.x0_to_eps(s, xt, t, x0)  # noqa: E731
+  nll = np.asarray(diffusion.vlb_term(s, perfect, x0, jnp.zeros((64,), jnp.int32), noise))
+  sigma = math.exp(0.5 * float(s.posterior_log_variance_clipped[0]))
+  phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+  z = (1 / 255) / sigma
+  edge = np.abs(np.asarray(x0)) > 0.999
+  want = np.where(edge, -math.log(phi(z)), -math.log(phi(z) - phi(-z))).sum(axis=(1, 2, 3))
+  np.testing.assert_allclose(nll, want, rtol=2e-3)
+  bits_per_dim = float(nll.mean()) / (48 * math.log(2))
+  assert 1.0 < bits_per_dim < 1.5  # DDPM's decoder: sigma ~ 0.0074 vs a half-bin of 0.0039
