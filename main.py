@@ -1,4 +1,4 @@
-"""ddpm_jax command line: train, sample, interpolate, reconstruct.
+"""ddpm_jax command line: train, sample, interpolate, reconstruct, eval.
 
   python main.py --config configs/quickstart.py --workdir runs/quickstart
   python main.py --mode=sample --workdir runs/quickstart
@@ -16,9 +16,10 @@ from ml_collections import config_flags
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.", lock_config=False)
 flags.DEFINE_string("workdir", "runs/", "Run folder: checkpoints, logs and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "interpolate", "reconstruct"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "interpolate", "reconstruct", "eval"],
                   "train; sample (grid, PNGs, NPZ, GIFs); interpolate (slerp between noise "
-                  "seeds); reconstruct (DDIM inversion of held-out images and back).")
+                  "seeds); reconstruct (DDIM inversion of held-out images and back); eval "
+                  "(bits/dim and per-timestep loss on held-out data).")
 FLAGS = flags.FLAGS
 
 
@@ -63,6 +64,9 @@ def main(argv):
       print(sample.interpolate_and_save(config, FLAGS.workdir))
     elif FLAGS.mode == "reconstruct":
       print(sample.reconstruct_and_save(config, FLAGS.workdir))
+    elif FLAGS.mode == "eval":
+      from ddpm_jax import evaluate
+      evaluate.evaluate(config, FLAGS.workdir)
   except (config_lib.ConfigError, sample.NoCheckpointError, train.DivergenceError) as e:
     raise SystemExit(f"error: {e}") from None
   except Exception as e:

@@ -87,4 +87,9 @@ def get_config():
   sampling.num_frames = 20  # frames in the denoising GIF (0 = no GIF)
   sampling.name = ""  # sub-folder of <workdir>/samples; empty = derived from settings
 
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.num_examples = 256  # held-out images for --mode=eval
+  ev.batch_size = 64
+  ev.timesteps_per_image = 16  # stratified timesteps for the bound; 0 = all T (exact)
+
   return config

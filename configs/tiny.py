@@ -33,4 +33,7 @@ def get_config():
   c.sampling.batch_size = 8
   c.sampling.num_steps = 5
   c.sampling.num_frames = 3
+  c.eval.num_examples = 16
+  c.eval.batch_size = 8
+  c.eval.timesteps_per_image = 4
   return c

@@ -68,6 +68,11 @@ def test_train_then_bare_sample_as_on_the_design_card(tmp_path, data_dir):
   assert report["num_images"] == 8 and np.isfinite(report["psnr_db"])
   for name in ("originals.png", "reconstructions.png", "error.png"):
     assert Image.open(os.path.join(rec, name)).size[0] > 8
+  ev = run_main("--mode=eval", cwd=tmp_path)
+  report = json.load(open(tmp_path / "runs" / "eval" / "4.json"))
+  # An untrained 4-step model: finite, positive, and far from a perfect model.
+  assert 0 < report["bits_per_dim"] < 100 and report["num_images"] == 16
+  assert report["fid"].startswith("unavailable") and "bits/dim" in ev.stdout
 
 
 def test_sample_without_a_checkpoint_is_one_clear_line(tmp_path):
