@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 def _default_xla_cpu_flags():
   """Turns off XLA:CPU's YNNPACK fusions on jaxlib 0.10 unless the user set the flag.
 
-  On jaxlib 0.10.2 they made our convolutions slower on x86 CPUs (quickstart train
-  step 0.81 s -> 0.67 s without them; see docs/benchmarks.md). Must run before JAX
+  On jaxlib 0.10.2 they made our convolutions slower on x86 CPUs (a small 32x32
+  U-Net's train step: 0.81 s -> 0.67 s without them; see docs/benchmarks.md). Must run before JAX
   initialises its backends; a flag the user sets in XLA_FLAGS always wins.
   """
   import importlib.metadata

@@ -37,10 +37,14 @@ def stratified_timesteps(key, n: int, T: int, k: int) -> np.ndarray:
   return np.minimum(np.floor(lo + u * T / k), T - 1).astype(np.int32)
 
 
-def bound_per_image(schedule, eps_fn_p, params, x0, key, k: int):
-  """Per-image variational bound in nats (float64 on the host)."""
+def make_term_fn(schedule, eps_fn_p):
+  """Jitted ``term(params, x0, t, noise)`` -> per-image vlb term; build once, reuse."""
+  return jax.jit(lambda p, x, t, z: diffusion.vlb_term(schedule, eps_fn_p(p), x, t, z))
+
+
+def bound_per_image(schedule, term, params, x0, key, k: int):
+  """Per-image variational bound in nats (float64 on the host); ``term`` from make_term_fn."""
   T = schedule.num_timesteps
-  term = jax.jit(lambda p, x, t, z: diffusion.vlb_term(schedule, eps_fn_p(p), x, t, z))
   n = x0.shape[0]
   total = np.asarray(diffusion.prior_kl(schedule, x0), np.float64)
   if k <= 0:  # exact: every t
@@ -72,10 +76,15 @@ def evaluate(config, workdir: str) -> dict:
       schedule, lambda xt, tt: model.apply({"params": p}, xt, tt, train=False), x, t, z,
       config.model.prediction_type))
   T = schedule.num_timesteps
-  for b, x0 in enumerate(input_pipeline.eval_batches(source, batch, num)):
+  term = make_term_fn(schedule, eps_fn_p)
+  from tqdm import tqdm
+  batches = input_pipeline.eval_batches(source, batch, num)
+  total = -(-min(num, len(source)) // batch)
+  for b, x0 in enumerate(tqdm(batches, total=total, desc="eval", unit="batch",
+                              disable=jax.process_index() != 0)):
     x0 = jnp.asarray(x0)
     bkey = jax.random.fold_in(key, b)
-    bounds.append(bound_per_image(schedule, eps_fn_p, params, x0, bkey, k))
+    bounds.append(bound_per_image(schedule, term, params, x0, bkey, k))
     t = jnp.asarray((np.arange(x0.shape[0]) * T // x0.shape[0]).astype(np.int32))  # even spread
     z = jax.random.normal(jax.random.fold_in(key, 10**6 + b), x0.shape)
     losses = np.asarray(loss(params, x0, t, z))
