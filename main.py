@@ -33,6 +33,7 @@ def _config():
     raise SystemExit(f"error: no checkpoint in {ckpt_lib.checkpoint_dir(FLAGS.workdir)!r}; "
                      f"train first: python main.py --config CONFIG --workdir {FLAGS.workdir}")
   config = ckpt_lib.restore_config(mngr)
+  _fill_missing(config, FLAGS.config)  # fields added since the run was started
   for path, value in config_flags.get_override_values(FLAGS["config"]).items():
     *parents, leaf = path.split(".")
     node = config
@@ -40,6 +41,14 @@ def _config():
       node = node[p]
     node[leaf] = value
   return config
+
+
+def _fill_missing(config, defaults):
+  for key, value in defaults.items():
+    if key not in config:
+      config[key] = value
+    elif hasattr(value, "items") and hasattr(config[key], "items"):
+      _fill_missing(config[key], value)
 
 
 def main(argv):

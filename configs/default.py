@@ -70,6 +70,9 @@ def get_config():
   training.keep_checkpoints = 3  # most recent checkpoints kept
   training.keep_period = 0  # also keep every checkpoint whose step is a multiple (0 = none)
   training.sample_every_steps = 0  # write an EMA sample grid every N steps (0 = never)
+  # Held-out eps-MSE per timestep bucket (eval.num_examples images, EMA params) every N
+  # steps, to TensorBoard (val/...) and metrics.jsonl; 0 = never. One forward pass each.
+  training.eval_every_steps = 0
   training.max_bad_steps = 10  # consecutive non-finite steps before stopping
   training.compilation_cache = True  # JAX persistent compilation cache in the workdir
 
@@ -88,8 +91,21 @@ def get_config():
   sampling.name = ""  # sub-folder of <workdir>/samples; empty = derived from settings
 
   config.eval = ev = ml_collections.ConfigDict()
-  ev.num_examples = 256  # held-out images for --mode=eval
+  ev.checkpoints = "latest"  # which checkpoints --mode=eval reads: latest, all, or "1000,2000"
+  ev.num_examples = 256  # held-out images for bits/dim and the validation loss
   ev.batch_size = 64
   ev.timesteps_per_image = 16  # stratified timesteps for the bound; 0 = all T (exact)
+  # Sample metrics: samples drawn with the `sampling` settings (0 = none), compared with
+  # the first num_reference training images; nearest neighbours are searched among up
+  # to nn_max_train training images.
+  ev.num_samples = 0
+  ev.num_reference = 1024
+  ev.pr_k = 3  # k of the k-NN balls of improved precision/recall
+  ev.nn_max_train = 50_000
+  # FID/KID: path of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release; nothing
+  # is downloaded). Unset = FID/KID reported as unavailable. Its sha256 must start with
+  # inception_sha256 (the prefix in the official file name; a full hash is stricter).
+  ev.inception_weights = config_dict.placeholder(str)
+  ev.inception_sha256 = "6726825d"
 
   return config

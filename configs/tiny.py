@@ -36,4 +36,6 @@ def get_config():
   c.eval.num_examples = 16
   c.eval.batch_size = 8
   c.eval.timesteps_per_image = 4
+  c.eval.num_samples = 8
+  c.eval.num_reference = 64
   return c

@@ -87,10 +87,12 @@ class StopRequest:
 class MetricWriter:
   """Scalars and images to TensorBoard event files and scalars to ``metrics.jsonl``.
 
-  Only process 0 writes; other processes get a writer that does nothing.
+  Only process 0 writes; other processes get a writer that does nothing. With ``name``
+  (e.g. "eval") the events go to ``tensorboard/<name>`` and the lines to
+  ``<name>/metrics.jsonl``, so TensorBoard shows them as a separate run.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, name: str = ""):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
@@ -98,8 +100,9 @@ class MetricWriter:
       from ddpm_jax.input_pipeline import hide_accelerators_from_tf
       hide_accelerators_from_tf()
       from flax.metrics import tensorboard
-      self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard", name))
+      os.makedirs(os.path.join(workdir, name), exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, name, "metrics.jsonl"), "a")
 
   def scalars(self, step: int, scalars: dict) -> None:
     if not self.enabled:

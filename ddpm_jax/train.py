@@ -234,6 +234,13 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
                                   desc="train", enabled=is_main)
     grid_sampler = (sample_lib.Sampler(config, model, schedule)
                     if t.sample_every_steps and is_main else None)
+    val_loss = None
+    if t.get("eval_every_steps", 0) and is_main:
+      from ddpm_jax import evaluate
+      ev = evaluate.settings(config)
+      val_loss = evaluate.ValidationLoss(
+          config, model, schedule, input_pipeline.get_source(config, config.data.eval_split),
+          ev["num_examples"], ev["batch_size"])
 
     def save(at_step):
       host = parallel.unreplicate(state_r)
@@ -264,6 +271,9 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
           writer.image(step, "samples/ema", grid)
           images.save_png(os.path.join(workdir, "samples", "during_training", f"step{step}.png"),
                           grid)
+        if val_loss is not None and step % t.eval_every_steps == 0:
+          vl = val_loss(parallel.unreplicate(state_r.ema_params))
+          writer.scalars(step, {f"val/loss_{k}": v for k, v in vl.items()})
       if pending is not None:
         _report(pending, writer, progress, t, bad_streak, mngr, rate)
       if stop and mngr.latest_step() != step:

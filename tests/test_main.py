@@ -73,6 +73,13 @@ def test_train_then_bare_sample_as_on_the_design_card(tmp_path, data_dir):
   # An untrained 4-step model: finite, positive, and far from a perfect model.
   assert 0 < report["bits_per_dim"] < 100 and report["num_images"] == 16
   assert report["fid"].startswith("unavailable") and "bits/dim" in ev.stdout
+  assert report["num_samples"] == 8 and report["num_reference"] == 64
+  assert 0 <= report["precision_random_conv"] <= 1 and 0 <= report["recall_random_conv"] <= 1
+  assert report["memorisation"]["train_images_searched"] == 256  # the whole tiny train split
+  assert set(report["colour"]) == {"R", "G", "B"}
+  assert os.path.exists(tmp_path / "runs" / "eval" / "4_nearest.png")
+  assert os.path.exists(tmp_path / "runs" / "eval" / "metrics.jsonl")
+  assert os.listdir(tmp_path / "runs" / "tensorboard" / "eval")
 
 
 def test_sample_without_a_checkpoint_is_one_clear_line(tmp_path):
