@@ -19,7 +19,7 @@ flags.DEFINE_string("workdir", "runs/", "Run folder: checkpoints, logs and sampl
 flags.DEFINE_enum("mode", "train", ["train", "sample", "interpolate", "reconstruct", "eval"],
                   "train; sample (grid, PNGs, NPZ, GIFs); interpolate (slerp between noise "
                   "seeds); reconstruct (DDIM inversion of held-out images and back); eval "
-                  "(bits/dim and per-timestep loss on held-out data).")
+                  "(bits/dim, per-timestep loss, sample metrics, FID given Inception weights).")
 FLAGS = flags.FLAGS
 
 
