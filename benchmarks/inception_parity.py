@@ -2,6 +2,10 @@
 
   python benchmarks/inception_parity.py --peer-python /path/to/venv-with-pytorch-fid/bin/python
 
+(Used here: the diffusers peer venv's torch 2.13.0+cpu, with torchvision 0.28.0 and
+pytorch-fid 0.3.0 installed apart, ``pip install --no-deps --target DIR ...``, and
+``PYTHONPATH=DIR`` set for the command.)
+
 The peer side (torch, torchvision, pytorch-fid) builds pytorch-fid's ``InceptionV3``
 exactly as ``fid_inception_v3()`` does, but with *random* weights (nothing is
 downloaded; BatchNorm statistics are randomised too, so every parameter matters),
