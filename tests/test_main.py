@@ -31,12 +31,16 @@ def tiny_flags(data_dir, *extra):
 
 def test_train_then_bare_sample_as_on_the_design_card(tmp_path, data_dir):
   """`main.py --config ... --workdir runs/` then a bare `main.py --mode=sample`."""
-  run_main(*tiny_flags(data_dir, "--config.training.sample_every_steps=2"), "--workdir", "runs/",
-           cwd=tmp_path)
+  run_main(*tiny_flags(data_dir, "--config.training.sample_every_steps=2",
+                       "--config.training.eval_every_steps=2"), "--workdir", "runs/", cwd=tmp_path)
   ckpts = sorted(os.listdir(tmp_path / "runs" / "checkpoints"))
   assert "4" in ckpts
   lines = [json.loads(x) for x in open(tmp_path / "runs" / "metrics.jsonl")]
-  assert [x["step"] for x in lines] == [1, 2, 3, 4] and all(np.isfinite(x["loss"]) for x in lines)
+  train_lines = [x for x in lines if "loss" in x]
+  assert [x["step"] for x in train_lines] == [1, 2, 3, 4]
+  assert all(np.isfinite(x["loss"]) for x in train_lines)
+  val = [x for x in lines if "val/loss_all" in x]  # held-out eps-MSE every 2 steps
+  assert [x["step"] for x in val] == [2, 4] and all(np.isfinite(x["val/loss_all"]) for x in val)
   assert any(f.startswith("events") for f in os.listdir(tmp_path / "runs" / "tensorboard"))
   grids = sorted(os.listdir(tmp_path / "runs" / "samples" / "during_training"))
   assert grids == ["step2.png", "step4.png"]  # EMA sample grids every 2 steps
