@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ddpm_jax import diffusion, features, images, input_pipeline, metrics, models, parallel
+from ddpm_jax import diffusion, features, images, input_pipeline, metrics, models
 from ddpm_jax import sample as sample_lib
 from ddpm_jax.config_lib import ConfigError
 
@@ -213,21 +213,6 @@ def reference_features(config, workdir, extractor, ref_u8: np.ndarray) -> np.nda
   return feats
 
 
-def generate_samples(config, model, schedule, params, num: int, sampler=None) -> np.ndarray:
-  """``num`` uint8 samples with the ``sampling`` settings (seeded by ``sampling.seed``)."""
-  s = config.sampling
-  sampler = sampler or sample_lib.Sampler(config, model, schedule)
-  n_dev = jax.local_device_count()
-  per_call = parallel.check_batch_size(s.batch_size, "sampling.batch_size") * n_dev
-  from tqdm import tqdm
-  out = []
-  for b in tqdm(range(-(-num // per_call)), desc="eval samples", unit="batch",
-                disable=jax.process_index() != 0):
-    idx = np.arange(b * per_call, (b + 1) * per_call)
-    out.append(images.to_uint8(sampler(params, idx, s.seed, b)[0]))
-  return np.concatenate(out)[:num]
-
-
 def sample_metrics(config, workdir, samples_u8, ctx) -> dict:
   """Precision/recall, KID, Frechet distances, colour and memorisation for uint8 samples."""
   ev = ctx["settings"]
@@ -372,8 +357,8 @@ def evaluate(config, workdir: str) -> list[dict]:
         s = config.sampling
         report["sampler"] = (f"{s.sampler}, {s.num_steps} steps, eta {s.eta}, "
                              f"seed {s.seed}" if s.sampler != "ddpm" else f"ddpm, {T} steps")
-        samples_u8 = generate_samples(config, model, schedule, params, ev["num_samples"],
-                                      sampler)
+        samples_u8 = images.to_uint8(sample_lib.generate(
+            config, sampler, params, ev["num_samples"], desc="eval samples")[0])
         report.update(sample_metrics(config, workdir, samples_u8, ctx))
         dist, idx = report.pop("_nearest")
       if is_main:

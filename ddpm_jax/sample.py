@@ -122,6 +122,34 @@ def load_params(config, workdir: str, step: int | None = None):
   return (state.ema_params if config.sampling.use_ema else state.params), step
 
 
+def generate(config, sampler: Sampler, params, num: int, first_sampler: Sampler | None = None,
+             desc: str = "sampling"):
+  """``num`` samples in [-1, 1] with ``sampling.seed``, in global batches of
+  ``sampling.batch_size``: each process draws its slice, every process gets all.
+
+  ``first_sampler`` (one that records frames) draws the first batch; its frames are
+  returned too (None otherwise). Sample i depends only on (seed, i).
+  """
+  s = config.sampling
+  n_dev, n_proc = jax.local_device_count(), jax.process_count()
+  local_batch = parallel.check_batch_size(s.batch_size, "sampling.batch_size") * n_dev
+  from tqdm import tqdm
+  samples, frames = [], None
+  for b in tqdm(range(-(-num // s.batch_size)), desc=desc, unit="batch",
+                disable=jax.process_index() != 0):
+    start = b * s.batch_size + jax.process_index() * local_batch
+    idx = np.arange(start, start + local_batch)
+    use = first_sampler if (b == 0 and first_sampler is not None) else sampler
+    x, f = use(params, idx, s.seed, b)
+    if f is not None:
+      frames = f
+    if n_proc > 1:
+      from jax.experimental import multihost_utils
+      x = multihost_utils.process_allgather(x).reshape((-1,) + x.shape[1:])
+    samples.append(x)
+  return np.concatenate(samples)[:num], frames
+
+
 def sample_and_save(config, workdir: str) -> str:
   """Samples ``sampling.num_samples`` images from the workdir's latest checkpoint.
 
@@ -138,26 +166,9 @@ def sample_and_save(config, workdir: str) -> str:
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   out_dir = os.path.join(os.path.abspath(workdir), "samples", s.name or default_name(config, step))
   os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-  n_dev, n_proc = jax.local_device_count(), jax.process_count()
-  local_batch = parallel.check_batch_size(s.batch_size, "sampling.batch_size") * n_dev
-  num_batches = -(-s.num_samples // s.batch_size)
   gif_sampler = Sampler(config, model, schedule, num_frames=s.num_frames) if s.num_frames else None
-  sampler = Sampler(config, model, schedule)
-  from tqdm import tqdm
-  samples, frames = [], None
-  for b in tqdm(range(num_batches), desc="sampling", unit="batch",
-                disable=jax.process_index() != 0):
-    start = b * s.batch_size + jax.process_index() * local_batch
-    idx = np.arange(start, start + local_batch)
-    use = gif_sampler if (b == 0 and gif_sampler is not None) else sampler
-    x, f = use(params, idx, s.seed, b)
-    if f is not None:
-      frames = f
-    if n_proc > 1:
-      from jax.experimental import multihost_utils
-      x = multihost_utils.process_allgather(x).reshape((-1,) + x.shape[1:])
-    samples.append(x)
-  x = np.concatenate(samples)[:s.num_samples]
+  x, frames = generate(config, Sampler(config, model, schedule), params, s.num_samples,
+                       first_sampler=gif_sampler)
   if jax.process_index() == 0:
     u8 = images.to_uint8(x)
     scale = max(1, 128 // config.data.image_size)
