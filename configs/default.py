@@ -92,6 +92,7 @@ def get_config():
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.checkpoints = "latest"  # which checkpoints --mode=eval reads: latest, all, or "1000,2000"
+  ev.name = ""  # reports go to eval/<step>_<name>.json when set (e.g. "exact")
   ev.num_examples = 256  # held-out images for bits/dim and the validation loss
   ev.batch_size = 64
   ev.timesteps_per_image = 16  # stratified timesteps for the bound; 0 = all T (exact)

@@ -1,8 +1,8 @@
 """Evaluation of a workdir: ``python main.py --mode=eval --workdir DIR``.
 
 For each evaluated checkpoint (``eval.checkpoints``: latest, all, or a list of steps)
-it writes ``<workdir>/eval/<step>.json``, TensorBoard scalars under
-``<workdir>/tensorboard/eval``, and prints a short table.
+it writes ``<workdir>/eval/<step>.json`` (``<step>_<eval.name>.json`` when named),
+TensorBoard scalars under ``<workdir>/tensorboard/eval``, and prints a short table.
 
 Held-out likelihood:
   * bits/dim: the variational bound of Ho et al. 2020 (prior KL + KL terms for
@@ -48,7 +48,8 @@ from ddpm_jax.config_lib import ConfigError
 
 _DEFAULTS = {"checkpoints": "latest", "num_examples": 256, "batch_size": 64,
              "timesteps_per_image": 16, "num_samples": 0, "num_reference": 1024, "pr_k": 3,
-             "nn_max_train": 50_000, "inception_weights": None, "inception_sha256": "6726825d"}
+             "nn_max_train": 50_000, "inception_weights": None, "inception_sha256": "6726825d",
+             "name": ""}
 
 
 def settings(config) -> dict:
@@ -364,17 +365,17 @@ def evaluate(config, workdir: str) -> list[dict]:
       if is_main:
         out_dir = os.path.join(workdir, "eval")
         os.makedirs(out_dir, exist_ok=True)
+        stem = os.path.join(out_dir, f"{step}_{ev['name']}" if ev["name"] else f"{step}")
         if ctx is not None:
-          _save_nearest(os.path.join(out_dir, f"{step}_nearest.png"), samples_u8,
-                        ctx["train_u8"], dist, idx)
-          images.save_png(os.path.join(out_dir, f"{step}_samples.png"),
-                          images.make_grid(samples_u8[:64]),
+          _save_nearest(f"{stem}_nearest.png", samples_u8, ctx["train_u8"], dist, idx)
+          images.save_png(f"{stem}_samples.png", images.make_grid(samples_u8[:64]),
                           scale=max(1, 64 // config.data.image_size))
-        with open(os.path.join(out_dir, f"{step}.json"), "w") as f:
+        with open(f"{stem}.json", "w") as f:
           json.dump(report, f, indent=2)
-        writer.scalars(step, _flat_scalars(report))
+        if not ev["name"]:  # named evaluations are side studies: kept out of the curves
+          writer.scalars(step, _flat_scalars(report))
         _print_table(report)
-        logging.info("wrote %s", os.path.join(out_dir, f"{step}.json"))
+        logging.info("wrote %s.json", stem)
       reports.append(report)
   finally:
     writer.close()
