@@ -224,7 +224,9 @@ def sample_metrics(config, workdir, samples_u8, ctx) -> dict:
     mu1, s1 = metrics.gaussian_stats(ref)
     mu2, s2 = metrics.gaussian_stats(fake)
     fd = metrics.frechet_distance(mu1, s1, mu2, s2)
-    kid_mean, kid_std = metrics.kid(ref, fake)
+    # Subsets of half the smaller set (at most 1000): with subsets as large as the sets
+    # every subset would be the same and the spread would say nothing.
+    kid_mean, kid_std = metrics.kid(ref, fake, subset_size=min(1000, min(len(ref), len(fake)) // 2))
     pr = metrics.precision_recall(ref, fake, k=ev["pr_k"])
     if ext.name == "inception":
       report.update(fid=fd, kid=kid_mean, kid_std=kid_std, precision_inception=pr["precision"],
