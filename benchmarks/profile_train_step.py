@@ -6,7 +6,10 @@ Ours: the DDPM CIFAR-10 U-Net train step (plain ``jit``, one device, batch 16) i
 traced with ``jax.profiler``; every XLA:CPU thunk's time is attributed to its HLO
 instruction, and convolutions are split into forward, backward-data and
 backward-filter (from the instruction's ``op_name`` metadata and output shape) with
-their FLOPs from the shapes, so each class gets an achieved GFLOP/s.
+their FLOPs from the shapes. Caveat, measured: the convolution thunks' events cover
+only a small part of their work (the implied rates are over 10x the CPU's peak), so
+take convolution time from ``benchmarks/conv_kernels.py``; the other categories
+(fusions, copies) are timed whole.
 Peer: the same step of the peer's model under ``torch.profiler`` (self CPU time per
 aten op). Both are printed in one table; JSON goes to --out.
 """
