@@ -88,10 +88,10 @@ def model_convs(batch):
         stride = eqn.params["window_strides"][0]
         pad = eqn.params["padding"][0][0]
         counts[(tuple(lhs), tuple(rhs), stride, pad)] += 1
-      for sub in jax.core.jaxprs_in_params(eqn.params) if hasattr(jax.core, "jaxprs_in_params") \
-          else [v.jaxpr if hasattr(v, "jaxpr") else v for v in eqn.params.values()
-                if hasattr(v, "eqns") or hasattr(v, "jaxpr")]:
-        walk(sub)
+      for v in eqn.params.values():  # nested jaxprs (pjit, remat, custom_vjp, ...)
+        sub = getattr(v, "jaxpr", v)
+        if hasattr(sub, "eqns"):
+          walk(sub)
   walk(jaxpr.jaxpr)
   return counts
 
