@@ -79,8 +79,8 @@ def main(argv):
   except (config_lib.ConfigError, sample.NoCheckpointError, train.DivergenceError) as e:
     raise SystemExit(f"error: {e}") from None
   except Exception as e:
-    from ddpm_jax import datasets
-    if isinstance(e, (datasets.DatasetError, run_utils.WorkdirLocked)):
+    from ddpm_jax import datasets, inception
+    if isinstance(e, (datasets.DatasetError, run_utils.WorkdirLocked, inception.WeightsError)):
       raise SystemExit(f"error: {e}") from None
     raise
 
