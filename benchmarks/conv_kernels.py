@@ -20,6 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import DEFAULT_PEER_DIR, PEER_TRAIN_STEP, our_train_step  # noqa: E402
 
 PEER = r'''
 import json, sys, time, torch
@@ -46,17 +47,8 @@ for key, (x_shape, w_shape, stride, pad) in shapes.items():
     res.append(sorted(ts)[len(ts) // 2])
   out[key] = res
 sys.path.insert(0, sys.argv[3])
-from diffusers_peer import ddpm_cifar10_unet
-torch.manual_seed(0)
 B = shapes["0"][0][0]
-model = ddpm_cifar10_unet(32)
-opt = torch.optim.Adam(model.parameters(), lr=2e-4)
-x0 = torch.randn(B, 3, 32, 32)
-def step():
-  t = torch.randint(0, 1000, (B,))
-  noise = torch.randn_like(x0)
-  loss = ((model(x0 + noise, t).sample - noise) ** 2).mean()
-  opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+''' + PEER_TRAIN_STEP + r'''
 step(); step()
 ts = []
 for _ in range(reps):
@@ -125,23 +117,11 @@ def time_ours(shape, reps):
 
 def time_our_train_step(batch, reps):
   import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from configs import cifar10
-  from ddpm_jax import diffusion, models, train
-  c = cifar10.get_config()
-  c.training.batch_size = batch
-  m = models.create_model(c)
-  s = diffusion.make_schedule("linear", 1000)
-  tx = train.make_optimizer(c)
-  st = train.create_train_state(c, m, tx, jax.random.key(0))
-  step = jax.jit(train.make_train_step(c, m, s, tx, axis_name=None), donate_argnums=0)
-  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, 32, 32, 3)), jnp.float32)
+  step, st, x, key = our_train_step(batch)
   ts = []
   for i in range(reps + 1):
     t0 = time.perf_counter()
-    st, met = step(st, x, jax.random.key(i))
+    st, met = step(st, x, jax.random.fold_in(key, i))
     jax.block_until_ready(met)
     ts.append(time.perf_counter() - t0)
   return sorted(ts[1:])[reps // 2]
@@ -152,8 +132,7 @@ def main():
   ap.add_argument("--peer-python", required=True)
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--reps", type=int, default=7)
-  ap.add_argument("--peer-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                     "..", "..", "shared", "bench"))
+  ap.add_argument("--peer-dir", default=DEFAULT_PEER_DIR)
   ap.add_argument("--out", default="")
   args = ap.parse_args()
   import ddpm_jax  # noqa: F401  (sets the project's XLA:CPU flags before jax starts)

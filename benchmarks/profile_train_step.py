@@ -27,20 +27,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import DEFAULT_PEER_DIR, PEER_TRAIN_STEP, our_train_step  # noqa: E402
+
 PEER = r'''
 import sys, json, torch
 sys.path.insert(0, sys.argv[1])
-from diffusers_peer import ddpm_cifar10_unet
-torch.manual_seed(0)
 B = int(sys.argv[2])
-model = ddpm_cifar10_unet(32)
-opt = torch.optim.Adam(model.parameters(), lr=2e-4)
-x0 = torch.randn(B, 3, 32, 32)
-def step():
-  t = torch.randint(0, 1000, (B,))
-  noise = torch.randn_like(x0)
-  loss = ((model(x0 + noise, t).sample - noise) ** 2).mean()
-  opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+''' + PEER_TRAIN_STEP + r'''
 for _ in range(2): step()
 from torch.profiler import profile, ProfilerActivity
 import time
@@ -120,23 +113,9 @@ def classify_ours(name, info):
 
 
 def profile_ours(batch, config_name="cifar10"):
-  import importlib
-
   import jax
-  import jax.numpy as jnp
-  import numpy as np
   from jax.profiler import ProfileData
-
-  from ddpm_jax import diffusion, models, train
-  c = importlib.import_module(f"configs.{config_name}").get_config()
-  c.training.batch_size = batch
-  m = models.create_model(c)
-  s = diffusion.make_schedule("linear", 1000)
-  tx = train.make_optimizer(c)
-  st = train.create_train_state(c, m, tx, jax.random.key(0))
-  step = jax.jit(train.make_train_step(c, m, s, tx, axis_name=None))
-  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, 32, 32, 3)), jnp.float32)
-  key = jax.random.key(1)
+  step, st, x, key = our_train_step(batch, config_name)
   info = _parse_hlo(step.lower(st, x, key).compile().as_text())
   for _ in range(2):
     st, met = step(st, x, key)
@@ -172,8 +151,7 @@ def profile_ours(batch, config_name="cifar10"):
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--peer-python", required=True)
-  ap.add_argument("--peer-dir", default=os.path.join(os.path.dirname(__file__), "..", "..",
-                                                     "shared", "bench"))
+  ap.add_argument("--peer-dir", default=DEFAULT_PEER_DIR)
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--config", default="cifar10", help="ours only: a configs/ module")
   ap.add_argument("--out", default="")
