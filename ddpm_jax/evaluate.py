@@ -80,7 +80,7 @@ def make_term_fn(schedule, eps_fn_p):
   return jax.jit(lambda p, x, t, z: diffusion.vlb_term(schedule, eps_fn_p(p), x, t, z))
 
 
-def bound_per_image(schedule, term, params, x0, key, k: int):
+def bound_per_image(schedule, term, params, x0, key, k: int, on_term=None):
   """Per-image variational bound in nats (float64 on the host); ``term`` from make_term_fn.
 
   k = 0: every t. k > 0: the prior and the decoder term (t = 0) exactly, and the KL
@@ -98,6 +98,8 @@ def bound_per_image(schedule, term, params, x0, key, k: int):
   for j, (t, w) in enumerate(zip(rows, weights)):
     z = jax.random.normal(jax.random.fold_in(key, j + 1), x0.shape)
     total += w * np.asarray(term(params, x0, jnp.asarray(t), z), np.float64)
+    if on_term is not None:
+      on_term(1)
   return total
 
 
@@ -335,12 +337,13 @@ def evaluate(config, workdir: str) -> list[dict]:
       params, _ = sample_lib.load_params(config, workdir, step)
       key = jax.random.key(config.sampling.seed)
       bounds = []
-      batches = input_pipeline.eval_batches(source, ev["batch_size"], ev["num_examples"])
-      total = -(-min(ev["num_examples"], len(source)) // ev["batch_size"])
-      for b, x0 in enumerate(tqdm(batches, total=total, desc=f"bits/dim @{step}", unit="batch",
-                                  disable=not is_main)):
-        bounds.append(bound_per_image(schedule, term, params, jnp.asarray(x0),
-                                      jax.random.fold_in(key, b), k))
+      # The held-out batches ValidationLoss already holds; progress counts network calls.
+      terms = T if k <= 0 else len(strata(T, k))
+      with tqdm(total=len(val_loss.batches) * terms, desc=f"bits/dim @{step}", unit="call",
+                disable=not is_main) as bar:
+        for b, x0 in enumerate(val_loss.batches):
+          bounds.append(bound_per_image(schedule, term, params, x0, jax.random.fold_in(key, b),
+                                        k, on_term=bar.update))
       nats = np.concatenate(bounds)
       dims = config.data.image_size ** 2 * config.data.num_channels
       bpd = nats / (dims * math.log(2))

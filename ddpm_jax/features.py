@@ -36,8 +36,16 @@ class Extractor:
     self.batch_size, self.fingerprint = batch_size, fingerprint or name
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
-    return np.concatenate(list(self.stream([images])), 0) if len(images) else \
-        np.zeros((0, self.dim), np.float32)
+    if not len(images):
+      return np.zeros((0, self.dim), np.float32)
+    from tqdm import tqdm
+    out = []
+    with tqdm(total=len(images), desc=f"{self.name} features", unit="img",
+              disable=len(images) <= 4 * self.batch_size or jax.process_index() != 0) as bar:
+      for f in self.stream([images]):
+        out.append(f)
+        bar.update(len(f))
+    return np.concatenate(out, 0)
 
   def stream(self, batches: Iterable[np.ndarray]):
     """Features of each batch (any size): padded to a fixed shape so one compile serves all."""
