@@ -1,10 +1,11 @@
-"""ddpm_jax command line: train, sample, interpolate, reconstruct, eval.
+"""ddpm_jax command line: train, sample, and the other modes below.
 
   python main.py --config configs/quickstart.py --workdir runs/quickstart
   python main.py --mode=sample --workdir runs/quickstart
 
---mode=sample without --config uses the config saved with the workdir's checkpoint;
-``--config.a.b=value`` flags still override its fields.
+Modes other than train use the config saved with the workdir's checkpoint unless
+--config is given; ``--config.a.b=value`` flags override its fields either way.
+Every process of a multi-host job runs the same command (see README).
 """
 
 import os
@@ -13,27 +14,33 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ddpm_jax import run_utils
+
+run_utils.set_process_defaults()  # before JAX starts: XLA flags, gs:// client, TF log level
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py")
+MODES = {
+    "train": "train, resuming from the workdir's newest checkpoint",
+    "sample": "grid, PNGs, NPZ and denoising GIFs",
+    "interpolate": "slerp between noise seeds",
+    "reconstruct": "DDIM inversion of held-out images and back",
+    "eval": "bits/dim, per-timestep loss, sample metrics (FID given Inception weights)",
+}
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.", lock_config=False)
-flags.DEFINE_string("workdir", "runs/", "Run folder: checkpoints, logs and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "interpolate", "reconstruct", "eval"],
-                  "train; sample (grid, PNGs, NPZ, GIFs); interpolate (slerp between noise "
-                  "seeds); reconstruct (DDIM inversion of held-out images and back); eval "
-                  "(bits/dim, per-timestep loss, sample metrics, FID given Inception weights).")
+flags.DEFINE_string("workdir", "runs/", "Run folder (local or gs://): checkpoints, logs, samples.")
+flags.DEFINE_enum("mode", "train", list(MODES), "; ".join(f"{k}: {v}" for k, v in MODES.items()))
 FLAGS = flags.FLAGS
 
 
 def _config():
   """The --config file, or for non-train modes without --config the workdir's saved config."""
   from ddpm_jax import checkpoint as ckpt_lib
+  from ddpm_jax import config_lib
   if FLAGS.mode == "train" or FLAGS["config"].present:
     return FLAGS.config
   mngr = ckpt_lib.make_manager(FLAGS.workdir, read_only=True, async_save=False)
-  if mngr.latest_step() is None:
-    raise SystemExit(f"error: no checkpoint in {ckpt_lib.checkpoint_dir(FLAGS.workdir)!r}; "
-                     f"train first: python main.py --config CONFIG --workdir {FLAGS.workdir}")
-  config = ckpt_lib.restore_config(mngr)
-  _fill_missing(config, FLAGS.config)  # fields added since the run was started
+  config, _ = ckpt_lib.newest_config(mngr, FLAGS.workdir)
+  config_lib.fill_missing(config, FLAGS.config)  # fields added since the run was started
   for path, value in config_flags.get_override_values(FLAGS["config"]).items():
     *parents, leaf = path.split(".")
     node = config
@@ -43,47 +50,84 @@ def _config():
   return config
 
 
-def _fill_missing(config, defaults):
-  for key, value in defaults.items():
-    if key not in config:
-      config[key] = value
-    elif hasattr(value, "items") and hasattr(config[key], "items"):
-      _fill_missing(config[key], value)
+def _run(mode: str, config, workdir: str) -> None:
+  from ddpm_jax import evaluate, parallel, sample, train
+  if mode == "train":
+    train.train_and_evaluate(config, workdir)
+  elif mode == "eval":
+    evaluate.evaluate(config, workdir)
+  else:
+    out = {"sample": sample.sample_and_save, "interpolate": sample.interpolate_and_save,
+           "reconstruct": sample.reconstruct_and_save}[mode](config, workdir)
+    if parallel.is_main():
+      print(out)  # the last line: where the files are
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run_utils.quiet_libraries(FLAGS.verbosity)
   from ddpm_jax import parallel
-  parallel.maybe_initialize_distributed()
+  parallel.initialize_distributed()
   import jax
 
-  from ddpm_jax import config_lib, run_utils, sample, train
+  from ddpm_jax.errors import UserError
   logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
   try:
     config = _config()
     if config.training.get("compilation_cache", False):
       run_utils.enable_compilation_cache()  # sampling modes reuse compiled samplers too
-    if FLAGS.mode == "train":
-      train.train_and_evaluate(config, FLAGS.workdir)
-    elif FLAGS.mode == "sample":
-      print(sample.sample_and_save(config, FLAGS.workdir))
-    elif FLAGS.mode == "interpolate":
-      print(sample.interpolate_and_save(config, FLAGS.workdir))
-    elif FLAGS.mode == "reconstruct":
-      print(sample.reconstruct_and_save(config, FLAGS.workdir))
-    elif FLAGS.mode == "eval":
-      from ddpm_jax import evaluate
-      evaluate.evaluate(config, FLAGS.workdir)
-  except (config_lib.ConfigError, sample.NoCheckpointError, train.DivergenceError) as e:
-    raise SystemExit(f"error: {e}") from None
-  except Exception as e:
-    from ddpm_jax import datasets, inception
-    if isinstance(e, (datasets.DatasetError, run_utils.WorkdirLocked, inception.WeightsError)):
-      raise SystemExit(f"error: {e}") from None
-    raise
+    _run(FLAGS.mode, config, FLAGS.workdir)
+  except UserError as e:
+    _exit(f"error: {e}", multi=jax.process_count() > 1)
+  except BaseException as e:
+    if jax.process_count() <= 1:
+      raise
+    where = f"process {jax.process_index()} of {jax.process_count()}"
+    rerun = ("once every process has stopped, rerun the same command on every host to resume "
+             "from the last checkpoint")
+    if _lost_a_peer(e):
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      _exit(f"error: {where} lost contact with another process of this job, which probably "
+            f"died (see its log): {first[:300]}; {rerun}", multi=True)
+    import traceback
+    traceback.print_exc()
+    _exit(f"error: {where} failed (above); {rerun}", multi=True)
+
+
+def _lost_a_peer(e: BaseException) -> bool:
+  """A failed collective or coordination-service call: another process went away."""
+  text = f"{type(e).__name__}: {e}"
+  return any(s in text for s in ("Gloo", "Connection closed by peer", "Connection reset by peer",
+                                  "coordination service", "DEADLINE_EXCEEDED", "UNAVAILABLE"))
+
+
+def _exit(message: str, multi: bool) -> None:
+  """One line on stderr, exit status 1. With several processes, skip the shutdown barrier:
+  a peer that died or went another way would hold it for minutes."""
+  print(message, file=sys.stderr, flush=True)
+  if multi:
+    sys.stdout.flush()
+    os._exit(1)
+  raise SystemExit(1)
+
+
+def _check_config_file(argv) -> None:
+  """A --config file that does not exist: one line, before flag parsing prints tracebacks."""
+  for i, arg in enumerate(argv):
+    path = None
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+    if path is not None:
+      path = path.split(":", 1)[0]  # config files may take an argument after ':'
+      if not os.path.isfile(path):
+        raise SystemExit(f"error: config file {path!r} not found (try configs/quickstart.py "
+                         f"or configs/default.py)")
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  _check_config_file(sys.argv)
+  app.run(main)

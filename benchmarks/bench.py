@@ -42,15 +42,16 @@ def build(batch, bf16=False, image_size=32):
   import jax
 
   from configs import cifar10
-  from ddpm_jax import diffusion, models, train
+  from ddpm_jax import diffusion, models
+  from ddpm_jax import state as state_lib
   config = cifar10.get_config()
   config.data.image_size = image_size
   config.training.batch_size = batch
   config.model.dtype = "bfloat16" if bf16 else "float32"
   model = models.create_model(config)
   schedule = diffusion.make_schedule("linear", 1000)
-  tx = train.make_optimizer(config)
-  state = train.create_train_state(config, model, tx, jax.random.key(0))
+  tx = state_lib.make_optimizer(config)
+  state = state_lib.create_train_state(config, model, tx, jax.random.key(0))
   return config, model, schedule, tx, state
 
 
@@ -66,9 +67,9 @@ def measure_train(batch, steps, bf16=False):
   x = parallel.shard(np.random.default_rng(0).uniform(-1, 1, (n, 1, batch // n, 32, 32, 3))
                      .astype(np.float32))
   sr = parallel.replicate(state)
-  key = jax.random.key(0)
+  key, req = jax.random.key(0), parallel.requests_array()
   t0 = time.perf_counter()
-  sr, m = p_step(sr, x, key)
+  sr, m, _ = p_step(sr, x, key, req)
   jax.block_until_ready(m)
   first = time.perf_counter() - t0
   if steps == 0:  # compile-time probe only
@@ -76,7 +77,7 @@ def measure_train(batch, steps, bf16=False):
   box = [sr]
 
   def one():
-    box[0], mm = p_step(box[0], x, key)
+    box[0], mm, _ = p_step(box[0], x, key, req)
     jax.block_until_ready(mm)
   one()
   s = _timed(one, steps)
@@ -88,7 +89,7 @@ def measure_forward_and_ddim(batch, ddim_steps_list, bf16=False):
   import jax.numpy as jnp
   import numpy as np
 
-  from ddpm_jax import sample as sample_lib
+  from ddpm_jax import generate
   config, model, schedule, tx, state = build(batch, bf16)
   params = state.params
   f = jax.jit(lambda p, x: model.apply({"params": p}, x, jnp.full((x.shape[0],), 500)))
@@ -100,7 +101,7 @@ def measure_forward_and_ddim(batch, ddim_steps_list, bf16=False):
   for steps in ddim_steps_list:
     config.sampling.sampler, config.sampling.num_steps = "ddim", steps
     config.sampling.clip_x0 = False
-    sampler = sample_lib.Sampler(config, model, schedule)
+    sampler = generate.Sampler(config, model, schedule)
     idx = np.arange(batch - batch % n)
     sampler(params, idx, 0, 0)  # compile
     out[f"ddim{steps}_s"] = _timed(lambda: sampler(params, idx, 0, 1), 1)  # noqa: B023
@@ -158,7 +159,8 @@ def main():
 
   import jax
 
-  import ddpm_jax  # noqa: F401  (sets its default XLA flags before JAX starts)
+  from ddpm_jax import run_utils
+  run_utils.set_process_defaults()  # the project's XLA:CPU flags, before JAX starts
   device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
   result = {"machine": machine_info(), "batch": args.batch, "big_batch": args.big_batch,
             "bf16": args.bf16, "ours": {"side": "ddpm_jax"}, "peers": [], "time": time.time()}

@@ -4,6 +4,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ddpm_jax import run_utils  # noqa: E402
+
+run_utils.set_process_defaults()  # benchmarks are entry points: the project's XLA flags
 
 # Python for the peer's venv: defines ``step()``, one Adam step of diffusers' UNet2DModel
 # on the epsilon-MSE loss, batch ``B`` (set before this runs), as diffusers_peer.py does.
@@ -33,12 +36,13 @@ def our_train_step(batch: int, config_name: str = "cifar10"):
   import numpy as np
 
   from ddpm_jax import diffusion, models, train
+  from ddpm_jax import state as state_lib
   c = importlib.import_module(f"configs.{config_name}").get_config()
   c.training.batch_size = batch
   m = models.create_model(c)
   s = diffusion.make_schedule("linear", 1000)
-  tx = train.make_optimizer(c)
-  state = train.create_train_state(c, m, tx, jax.random.key(0))
+  tx = state_lib.make_optimizer(c)
+  state = state_lib.create_train_state(c, m, tx, jax.random.key(0))
   step = jax.jit(train.make_train_step(c, m, s, tx, axis_name=None), donate_argnums=0)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, 32, 32, 3)), jnp.float32)
   return step, state, x, jax.random.key(1)

@@ -17,6 +17,8 @@ import time
 
 def stages():
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from ddpm_jax import run_utils
+  run_utils.set_process_defaults()
   t0 = time.perf_counter()
   import jax
   import jax.numpy as jnp
@@ -24,6 +26,7 @@ def stages():
 
   from configs import cifar10
   from ddpm_jax import diffusion, models, train
+  from ddpm_jax import state as state_lib
   jax.config.update("jax_compilation_cache_dir", os.environ["CACHE_DIR"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   t_import = time.perf_counter() - t0
@@ -31,9 +34,9 @@ def stages():
   c.training.batch_size = 16
   m = models.create_model(c)
   s = diffusion.make_schedule("linear", 1000)
-  tx = train.make_optimizer(c)
+  tx = state_lib.make_optimizer(c)
   t = time.perf_counter()
-  st = train.create_train_state(c, m, tx, jax.random.key(0))
+  st = state_lib.create_train_state(c, m, tx, jax.random.key(0))
   jax.block_until_ready(st)
   t_init = time.perf_counter() - t
   step = jax.jit(train.make_train_step(c, m, s, tx, axis_name=None), donate_argnums=0)

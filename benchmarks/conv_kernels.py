@@ -135,7 +135,8 @@ def main():
   ap.add_argument("--peer-dir", default=DEFAULT_PEER_DIR)
   ap.add_argument("--out", default="")
   args = ap.parse_args()
-  import ddpm_jax  # noqa: F401  (sets the project's XLA:CPU flags before jax starts)
+  from ddpm_jax import run_utils
+  run_utils.set_process_defaults()  # the project's XLA:CPU flags, before JAX starts
   counts = model_convs(args.batch)
   keys = {f"{i}": [list(s[0]), list(s[1]), s[2], s[3]] for i, s in enumerate(counts)}
   peer = json.loads(subprocess.run(

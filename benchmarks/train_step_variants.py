@@ -13,8 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ddpm_jax import run_utils  # noqa: E402
+
+run_utils.set_process_defaults()  # XLA flags are read when the backend starts, after this
 from configs import cifar10  # noqa: E402
-from ddpm_jax import diffusion, models, train  # noqa: E402  (sets default XLA flags)
+from ddpm_jax import diffusion, models, train  # noqa: E402
+from ddpm_jax import state as state_lib  # noqa: E402
 
 
 def run(name, **model_overrides):
@@ -24,8 +28,8 @@ def run(name, **model_overrides):
     c.model[k] = v
   m = models.create_model(c)
   schedule = diffusion.make_schedule("linear", 1000)
-  tx = train.make_optimizer(c)
-  st = train.create_train_state(c, m, tx, jax.random.key(0))
+  tx = state_lib.make_optimizer(c)
+  st = state_lib.create_train_state(c, m, tx, jax.random.key(0))
   step = jax.jit(train.make_train_step(c, m, schedule, tx, axis_name=None))
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (16, 32, 32, 3)), jnp.float32)
   key = jax.random.key(1)

@@ -17,13 +17,17 @@ def get_config():
   # "cartoon_faces" (built in, no download), "anime_faces" (Kaggle, manual
   # download), "image_folder" (any folder of images), or a TFDS catalog name.
   data.dataset = "cartoon_faces"
-  # TFDS data_dir; unset means $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  # TFDS data_dir, local or gs://; unset means $TFDS_DATA_DIR or ~/tensorflow_datasets.
   data.data_dir = config_dict.placeholder(str)
+  # With a gs:// data_dir, prepared records are read from a copy on each host's disk,
+  # here; unset means ~/.cache/ddpm_jax/data.
+  data.local_cache_dir = config_dict.placeholder(str)
   # image_folder: the folder of images (searched recursively).
   data.folder = config_dict.placeholder(str)
   # anime_faces: the folder holding the Kaggle download (zip or extracted).
   data.manual_dir = config_dict.placeholder(str)
   data.image_key = "image"  # feature holding the image in TFDS catalog datasets
+  data.label_key = "label"  # class label feature, read when model.num_classes > 0
   data.image_size = 32  # images are centre-cropped and resized to this square size
   data.num_channels = 3
   data.random_flip = True  # random horizontal flips (augmentation)
@@ -41,6 +45,12 @@ def get_config():
   model.num_groups = 32  # GroupNorm groups; channel counts must be divisible by it
   model.dtype = "float32"  # compute dtype: "float32" or "bfloat16" (params stay float32)
   model.prediction_type = "epsilon"  # what the network predicts: epsilon, x0 or v
+  # Class-conditional model with this many classes (0 = unconditional); labels come from
+  # the dataset's data.label_key (image folders: one sub-folder per class).
+  model.num_classes = 0
+  model.time_conditioning = "add"  # timestep embedding: "add" (DDPM) or "scale_shift"
+  model.attention = "softmax"  # at attn_resolutions: "softmax" (DDPM) or "linear"
+  model.resample = "conv"  # "conv": strided conv / nearest+conv; "pool": avg pool / bilinear
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.schedule = "linear"  # "linear" (Ho et al.) or "cosine" (Nichol & Dhariwal)
@@ -74,13 +84,19 @@ def get_config():
   # steps, to TensorBoard (val/...) and metrics.jsonl; 0 = never. One forward pass each.
   training.eval_every_steps = 0
   training.max_bad_steps = 10  # consecutive non-finite steps before stopping
-  training.compilation_cache = True  # JAX persistent compilation cache in the workdir
+  # JAX's persistent compilation cache, in ~/.cache/ddpm_jax/jax_compilation_cache
+  # (or $JAX_COMPILATION_CACHE_DIR); shared by all runs on the machine.
+  training.compilation_cache = True
+  # Classifier-free guidance: the share of training labels replaced by the null label.
+  training.label_dropout = 0.1
 
   config.sampling = sampling = ml_collections.ConfigDict()
   sampling.sampler = "ddim"  # "ddpm", "ddim" or "dpm_solver++"
   sampling.num_steps = 50  # network evaluations (ddim, dpm_solver++); ddpm uses all T
   sampling.eta = 0.0  # DDIM noise: 0 deterministic, 1 = DDPM's posterior variance
-  sampling.spacing = "uniform"  # timestep spacing: uniform, trailing or quadratic
+  # Timestep spacing: auto (uniform for ddpm/ddim, logsnr for dpm_solver++), uniform,
+  # trailing, quadratic or logsnr.
+  sampling.spacing = "auto"
   sampling.ddpm_variance = "small"  # DDPM: "small" (posterior) or "large" (beta_t)
   sampling.clip_x0 = True  # clip the predicted x0 to [-1, 1]
   sampling.num_samples = 64
@@ -89,6 +105,20 @@ def get_config():
   sampling.use_ema = True  # sample with the EMA parameters
   sampling.num_frames = 20  # frames in the denoising GIF (0 = no GIF)
   sampling.name = ""  # sub-folder of <workdir>/samples; empty = derived from settings
+  # Class-conditional models: guidance scale w (0 unconditional, 1 conditional, > 1
+  # guided) and the labels: "all" (each class in turn), a class name or index, or a
+  # comma-separated list of them, cycled over the samples.
+  sampling.guidance_scale = 3.0
+  sampling.labels = "all"
+  # --mode=inpaint: masks (mask_dir with a mask per image, same file name, white = keep;
+  # or built in: center, left, strokes) and RePaint resampling (jumps per step).
+  sampling.mask = "center"
+  sampling.mask_dir = config_dict.placeholder(str)
+  sampling.resample_steps = 5
+  # --mode=inpaint/img2img/interpolate_images: input images (a folder or comma-separated
+  # files); img2img noises them to t = strength * T and denoises from there.
+  sampling.inputs = config_dict.placeholder(str)
+  sampling.strength = 0.5
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.checkpoints = "latest"  # which checkpoints --mode=eval reads: latest, all, or "1000,2000"

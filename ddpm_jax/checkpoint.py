@@ -1,30 +1,39 @@
 """Checkpoints with orbax-checkpoint's CheckpointManager (the ``args=`` API).
 
 A checkpoint holds the train state (step, params, EMA params, optimizer state) and
-the config as JSON. Orbax writes each checkpoint into a temporary folder and renames
-it when complete, so a save interrupted part-way is never listed as a valid step.
+the config as JSON. Orbax writes each checkpoint into a temporary folder and
+finalises it when complete, so a save interrupted part-way is never listed. The
+workdir may be local or ``gs://``.
+
+A checkpoint that no longer restores (a truncated file, a partial copy) is moved to
+``<workdir>/checkpoints_unreadable/<step>`` with one warning, and the newest one
+that restores is used instead (``restore_newest``).
 """
 
 from __future__ import annotations
 
-import json
-import os
+import time
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from ddpm_jax import fs, parallel
+from ddpm_jax.errors import NoCheckpointError
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return fs.join(fs.normalize(workdir), "checkpoints")
 
 
-def make_manager(workdir: str, *, max_to_keep: int = 3, keep_period: int | None = None,
+def make_manager(workdir: str, *, max_to_keep: int | None = 3, keep_period: int | None = None,
                  async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, keep_period=keep_period or None, create=not read_only,
-      enable_async_checkpointing=async_save, read_only=read_only)
+      max_to_keep=None if read_only else max_to_keep, keep_period=keep_period or None,
+      create=not read_only, enable_async_checkpointing=async_save, read_only=read_only,
+      **({"save_interval_steps": 0} if read_only else {}))
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=("state", "config"))
 
@@ -36,14 +45,46 @@ def save(manager: ocp.CheckpointManager, step: int, state, config, *, force: boo
       config=ocp.args.JsonSave(config.to_dict())), force=force)
 
 
+def _abstract(template):
+  return jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
+                      else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template)
+
+
 def restore(manager: ocp.CheckpointManager, template, step: int | None = None):
   """Restores the state at ``step`` (default: latest) into ``template``'s structure."""
   step = manager.latest_step() if step is None else step
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-                          if not isinstance(x, jax.ShapeDtypeStruct) else x, template)
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract)))
+      state=ocp.args.StandardRestore(_abstract(template))))
   return jax.device_get(restored.state)
+
+
+def _set_aside(workdir: str, step: int) -> str:
+  dst = fs.join(fs.normalize(workdir), "checkpoints_unreadable", f"{step}-{int(time.time())}")
+  fs.move(fs.join(checkpoint_dir(workdir), str(step)), dst)
+  return dst
+
+
+def restore_newest(manager: ocp.CheckpointManager, workdir: str, template,
+                   steps: list[int] | None = None):
+  """(state, step) of the newest checkpoint that restores; (None, None) if there is none.
+
+  Each newer checkpoint that fails to restore is moved aside (by process 0; every
+  process sees the same files, so all fail on the same ones) with one warning.
+  ``steps`` limits the candidates.
+  """
+  candidates = sorted(manager.all_steps() if steps is None else steps, reverse=True)
+  for step in candidates:
+    try:
+      return restore(manager, template, step), step
+    except Exception as e:  # noqa: BLE001  (any failure to read means unusable)
+      cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+      dst = parallel.process_0_then_all(f"set aside checkpoint {step}",
+                                        lambda s=step: _set_aside(workdir, s))
+      logging.warning("checkpoint %d in %s cannot be read (%s: %s); moved it to %s and using "
+                      "the newest one before it", step, checkpoint_dir(workdir),
+                      type(e).__name__, cause, dst or "checkpoints_unreadable/")
+      manager.reload()
+  return None, None
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int | None = None):
@@ -51,6 +92,18 @@ def restore_config(manager: ocp.CheckpointManager, step: int | None = None):
   step = manager.latest_step() if step is None else step
   restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return ml_collections.ConfigDict(_tuples(restored.config))
+
+
+def newest_config(manager: ocp.CheckpointManager, workdir: str):
+  """(config, step) of the newest checkpoint whose config reads; raises NoCheckpointError."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return restore_config(manager, step), step
+    except Exception as e:  # noqa: BLE001
+      logging.warning("the config of checkpoint %d cannot be read (%s); trying older ones",
+                      step, type(e).__name__)
+  raise NoCheckpointError(f"no checkpoint in {checkpoint_dir(workdir)!r}: train first with "
+                          f"`python main.py --config CONFIG --workdir {workdir}`")
 
 
 def _tuples(d):
@@ -63,6 +116,4 @@ def _tuples(d):
 
 
 def write_config_json(workdir: str, config) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f, indent=2, default=str)
+  fs.write_json(fs.join(workdir, "config.json"), config.to_dict())

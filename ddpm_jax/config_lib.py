@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from ddpm_jax import diffusion, sampling
+from ddpm_jax.errors import ConfigError
 
-
-class ConfigError(ValueError):
-  """An unusable config; the message names the field and the fix."""
+__all__ = ["ConfigError", "validate", "check_compatible", "fill_missing"]
 
 
 def feature_map_sizes(image_size: int, num_levels: int) -> list[int]:
@@ -60,17 +59,44 @@ def validate(config, num_devices: int = 1) -> None:
     raise ConfigError(f"optim.lr_schedule={o.lr_schedule!r}: use 'constant' or 'cosine'")
   if s.sampler not in sampling.SAMPLERS + ("dpm_solver_pp",):
     raise ConfigError(f"unknown sampling.sampler={s.sampler!r}: use one of {sampling.SAMPLERS}")
-  if s.spacing not in sampling.SPACINGS:
-    raise ConfigError(f"unknown sampling.spacing={s.spacing!r}: use one of {sampling.SPACINGS}")
+  spacings = (sampling.AUTO_SPACING,) + sampling.SPACINGS
+  if s.spacing not in spacings:
+    raise ConfigError(f"unknown sampling.spacing={s.spacing!r}: use one of {spacings}")
   if s.sampler != "ddpm" and not 1 <= s.num_steps <= config.diffusion.num_timesteps:
     raise ConfigError(f"sampling.num_steps={s.num_steps} must be in "
                       f"[1, diffusion.num_timesteps={config.diffusion.num_timesteps}]")
+  if s.eta < 0:
+    raise ConfigError(f"sampling.eta={s.eta} must be >= 0 (0: deterministic DDIM, 1: DDPM's "
+                      f"posterior variance)")
+  if s.ddpm_variance not in ("small", "large"):
+    raise ConfigError(f"sampling.ddpm_variance={s.ddpm_variance!r}: use 'small' or 'large'")
+  _validate_generation(config)
+
+
+def _validate_generation(config) -> None:
+  m, s, t = config.model, config.sampling, config.training
+  if m.get("num_classes", 0) < 0:
+    raise ConfigError("model.num_classes must be >= 0 (0 = unconditional)")
+  for field, allowed in (("time_conditioning", ("add", "scale_shift")),
+                         ("attention", ("softmax", "linear")), ("resample", ("conv", "pool"))):
+    if m.get(field, allowed[0]) not in allowed:
+      raise ConfigError(f"model.{field}={m[field]!r}: use one of {allowed}")
+  if not 0.0 <= t.get("label_dropout", 0.0) < 1.0:
+    raise ConfigError(f"training.label_dropout={t.label_dropout} must be in [0, 1)")
+  if s.get("guidance_scale", 1.0) < 0:
+    raise ConfigError(f"sampling.guidance_scale={s.guidance_scale} must be >= 0 (0: "
+                      f"unconditional, 1: conditional, > 1: guided)")
+  if s.get("resample_steps", 1) < 1:
+    raise ConfigError(f"sampling.resample_steps={s.resample_steps} must be >= 1")
+  if not 0.0 < s.get("strength", 0.5) <= 1.0:
+    raise ConfigError(f"sampling.strength={s.strength} must be in (0, 1]")
 
 
 # Fields that fix the shapes and meaning of the parameters in a checkpoint.
 ARCHITECTURE_FIELDS = (
     ("model", ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "num_heads",
-               "num_groups", "prediction_type")),
+               "num_groups", "prediction_type", "num_classes", "time_conditioning",
+               "attention", "resample")),
     ("data", ("image_size", "num_channels")),
     ("diffusion", ("schedule", "num_timesteps")),
 )
@@ -86,3 +112,13 @@ def check_compatible(config, saved) -> None:
         raise ConfigError(
             f"the workdir's checkpoint was made with {section}.{f}={norm(old)!r} but the config "
             f"has {norm(new)!r}: use another --workdir or set --config.{section}.{f}={norm(old)!r}")
+
+
+def fill_missing(config, defaults) -> None:
+  """Adds fields of ``defaults`` that ``config`` lacks (configs saved by older versions), in
+  place; ``configs/default.py`` is the one source of defaults."""
+  for key, value in defaults.items():
+    if key not in config:
+      config[key] = value
+    elif hasattr(value, "items") and hasattr(config[key], "items"):
+      fill_missing(config[key], value)

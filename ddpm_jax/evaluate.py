@@ -12,8 +12,8 @@ Held-out likelihood:
     spaced strata per image (``strata``); each image's estimate is unbiased and the
     standard error is over images (it includes the data's own spread). K = 0 sums all
     T terms exactly.
-  * eps-MSE per tenth of the timesteps (``ValidationLoss``, also logged during
-    training every ``training.eval_every_steps``).
+  * eps-MSE per tenth of the timesteps (``validation.ValidationLoss``, also logged
+    during training every ``training.eval_every_steps``).
 
 Sample quality (``eval.num_samples`` > 0 samples with the ``sampling`` settings,
 quantised to uint8 as saved images are; ``eval.num_reference`` training images):
@@ -32,30 +32,33 @@ Reference features are computed once per data set, extractor and N, and cached i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ddpm_jax import diffusion, features, images, input_pipeline, metrics, models
-from ddpm_jax import sample as sample_lib
-from ddpm_jax.config_lib import ConfigError
-
-_DEFAULTS = {"checkpoints": "latest", "num_examples": 256, "batch_size": 64,
-             "timesteps_per_image": 16, "num_samples": 0, "num_reference": 1024, "pr_k": 3,
-             "nn_max_train": 50_000, "inception_weights": None, "inception_sha256": "6726825d",
-             "name": ""}
-
-
-def settings(config) -> dict:
-  """``config.eval`` with defaults for fields that configs saved by older versions lack."""
-  e = config.get("eval", None)
-  return {k: (e.get(k, v) if e is not None else v) for k, v in _DEFAULTS.items()}
+from ddpm_jax import checkpoint as ckpt_lib
+from ddpm_jax import (
+  datasets,
+  diffusion,
+  features,
+  fs,
+  generate,
+  images,
+  input_pipeline,
+  metrics,
+  models,
+  parallel,
+  progress,
+  run_utils,
+  validation,
+)
+from ddpm_jax.errors import ConfigError, NoCheckpointError
 
 
 def strata(T: int, k: int) -> np.ndarray:
@@ -104,61 +107,16 @@ def bound_per_image(schedule, term, params, x0, key, k: int, on_term=None):
 
 
 def eps_fn_for(config, model, schedule):
-  """``eps_fn_p(params) -> eps_fn(x_t, t)`` whatever the network predicts."""
-  def eps_fn_p(p):
-    return lambda x, t: diffusion.prediction_to_eps(
-        schedule, x, t, model.apply({"params": p}, x, t, train=False),
-        config.model.prediction_type)
-  return eps_fn_p
-
-
-class ValidationLoss:
-  """Eps-MSE (the training loss) on held-out images, per tenth of the timesteps.
-
-  The images, their timesteps (spread evenly over [0, T)) and the noise are fixed,
-  so values at different steps of a run differ only through the parameters. Cheap:
-  one forward pass per image.
-  """
-
-  def __init__(self, config, model, schedule, source, num_examples: int, batch_size: int):
-    self.T = schedule.num_timesteps
-    self.batches = [jnp.asarray(x) for x in
-                    input_pipeline.eval_batches(source, batch_size, num_examples)]
-    n = sum(len(x) for x in self.batches)
-    self.t = (np.arange(n) * self.T // max(n, 1)).astype(np.int32)
-    key = jax.random.key(12345)
-    self.noise = [jax.random.normal(jax.random.fold_in(key, b), x.shape)
-                  for b, x in enumerate(self.batches)]
-    self._loss = jax.jit(lambda p, x, t, z: diffusion.per_example_loss(
-        schedule, lambda xt, tt: model.apply({"params": p}, xt, tt, train=False), x, t, z,
-        config.model.prediction_type))
-
-  def __call__(self, params) -> dict:
-    losses, start = [], 0
-    for x, z in zip(self.batches, self.noise):
-      t = jnp.asarray(self.t[start:start + len(x)])
-      losses.append(np.asarray(self._loss(params, x, t, z), np.float64))
-      start += len(x)
-    if not losses:
-      return {}
-    losses = np.concatenate(losses)
-    buckets = self.t * 10 // self.T
-    out = {}
-    for i in range(10):
-      sel = buckets == i
-      if sel.any():
-        out[f"t{i * self.T // 10}-{(i + 1) * self.T // 10 - 1}"] = float(losses[sel].mean())
-    out["all"] = float(losses.mean())
-    return out
+  """``eps_fn_p(params) -> eps_fn(x, t)`` whatever the network predicts (unconditional)."""
+  return lambda p: generate.make_eps_fn(config, model, schedule, p)
 
 
 def checkpoint_steps(workdir: str, which) -> list[int]:
   """The checkpoint steps named by ``eval.checkpoints``: latest, all, or "1000,2000"."""
-  from ddpm_jax import checkpoint as ckpt_lib
   mngr = ckpt_lib.make_manager(workdir, read_only=True, async_save=False)
   have = sorted(mngr.all_steps())
   if not have:
-    raise sample_lib.NoCheckpointError(
+    raise NoCheckpointError(
         f"no checkpoint in {ckpt_lib.checkpoint_dir(workdir)!r}: train first with "
         f"`python main.py --config CONFIG --workdir {workdir}`")
   which = str(which or "latest").strip()
@@ -182,21 +140,11 @@ def _load_uint8(source, n: int, batch_size: int = 256) -> np.ndarray:
                          input_pipeline.eval_batches(source, batch_size, n)])
 
 
-def _cache_dir(config, workdir) -> str:
-  from ddpm_jax import datasets
-  d = os.path.join(datasets.data_dir(config), "ddpm_jax_stats")
-  try:
-    os.makedirs(d, exist_ok=True)
-    if os.access(d, os.W_OK):
-      return d
-  except OSError:
-    pass
-  d = os.path.join(workdir, "eval", "cache")
-  os.makedirs(d, exist_ok=True)
-  return d
+def _cache_dir(config) -> str:
+  return fs.join(datasets.data_dir(config), "ddpm_jax_stats")
 
 
-def reference_features(config, workdir, extractor, ref_u8: np.ndarray) -> np.ndarray:
+def reference_features(config, extractor, ref_u8: np.ndarray) -> np.ndarray:
   """Features of the reference images, cached per data set, split, N and extractor."""
   d = config.data
   ident = json.dumps({"dataset": d.dataset, "folder": d.get("folder"),
@@ -204,32 +152,62 @@ def reference_features(config, workdir, extractor, ref_u8: np.ndarray) -> np.nda
                       "split": d.train_split, "n": len(ref_u8), "extractor": extractor.fingerprint,
                       "pixels": hashlib.sha1(ref_u8.tobytes()).hexdigest()}, sort_keys=True)
   key = hashlib.sha1(ident.encode()).hexdigest()[:16]
-  path = os.path.join(_cache_dir(config, workdir), f"{extractor.name}_{len(ref_u8)}_{key}.npz")
-  if os.path.exists(path):
-    with np.load(path) as f:
-      return f["features"]
+  path = fs.join(_cache_dir(config), f"{extractor.name}_{len(ref_u8)}_{key}.npz")
+  if fs.exists(path):
+    return fs.load_npz(path)["features"]
   feats = extractor(ref_u8)
-  if jax.process_index() == 0:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, features=feats, ident=ident)
-    os.replace(tmp, path)
+  if parallel.is_main():
+    try:
+      fs.save_npz(path, features=feats, ident=ident)
+    except OSError as e:  # a read-only data_dir: recompute next time
+      logging.warning("could not cache reference features in %s: %s", path, e)
   return feats
 
 
-def sample_metrics(config, workdir, samples_u8, ctx) -> dict:
-  """Precision/recall, KID, Frechet distances, colour and memorisation for uint8 samples."""
-  ev = ctx["settings"]
-  report = {"num_samples": int(len(samples_u8)), "num_reference": int(len(ctx["ref_u8"]))}
-  for ext in ctx["extractors"]:
-    ref = ctx["ref_feats"][ext.name]
+@dataclasses.dataclass
+class Reference:
+  """What samples are compared with: training images, their features, held-out distances."""
+  extractors: list
+  train_u8: np.ndarray  # up to eval.nn_max_train training images (nearest neighbours)
+  ref_u8: np.ndarray  # the first eval.num_reference of them (distribution metrics)
+  ref_feats: dict
+  heldout_nn: np.ndarray  # held-out images' distance to their nearest training image
+  fid_unavailable: str
+
+  @classmethod
+  def build(cls, config, heldout_source):
+    ev = config.eval
+    extractors = [features.random_conv()]
+    if ev.inception_weights:
+      extractors.append(features.inception(ev.inception_weights, ev.inception_sha256))
+    train_u8 = _load_uint8(input_pipeline.get_source(config, config.data.train_split),
+                           ev.nn_max_train)
+    ref_u8 = train_u8[:ev.num_reference]
+    heldout = _load_uint8(heldout_source, ev.num_examples)
+    return cls(extractors, train_u8, ref_u8,
+               {e.name: reference_features(config, e, ref_u8) for e in extractors},
+               metrics.nearest_neighbours(heldout, train_u8)[0],
+               "unavailable: set eval.inception_weights to the path of "
+               "pt_inception-2015-12-05-6726825d.pth")
+
+
+def sample_metrics(config, samples_u8, ref: Reference) -> tuple[dict, tuple]:
+  """Precision/recall, KID, Frechet distances, colour and memorisation for uint8 samples.
+
+  Returns the report and (distance, index) of each sample's nearest training image.
+  """
+  report = {"num_samples": int(len(samples_u8)), "num_reference": int(len(ref.ref_u8))}
+  for ext in ref.extractors:
+    ref_feats = ref.ref_feats[ext.name]
     fake = ext(samples_u8)
-    mu1, s1 = metrics.gaussian_stats(ref)
+    mu1, s1 = metrics.gaussian_stats(ref_feats)
     mu2, s2 = metrics.gaussian_stats(fake)
     fd = metrics.frechet_distance(mu1, s1, mu2, s2)
     # Subsets of half the smaller set (at most 1000): with subsets as large as the sets
     # every subset would be the same and the spread would say nothing.
-    kid_mean, kid_std = metrics.kid(ref, fake, subset_size=min(1000, min(len(ref), len(fake)) // 2))
-    pr = metrics.precision_recall(ref, fake, k=ev["pr_k"])
+    kid_mean, kid_std = metrics.kid(ref_feats, fake,
+                                    subset_size=min(1000, min(len(ref_feats), len(fake)) // 2))
+    pr = metrics.precision_recall(ref_feats, fake, k=config.eval.pr_k)
     if ext.name == "inception":
       report.update(fid=fd, kid=kid_mean, kid_std=kid_std, precision_inception=pr["precision"],
                     recall_inception=pr["recall"])
@@ -238,20 +216,19 @@ def sample_metrics(config, workdir, samples_u8, ctx) -> dict:
                      f"kid_{ext.name}": kid_mean, f"kid_{ext.name}_std": kid_std,
                      f"fd_{ext.name}": fd})
   if "fid" not in report:
-    report["fid"] = report["kid"] = ctx["fid_unavailable"]
-  report["colour"] = metrics.colour_stats(samples_u8, ctx["ref_u8"])
+    report["fid"] = report["kid"] = ref.fid_unavailable
+  report["colour"] = metrics.colour_stats(samples_u8, ref.ref_u8)
   report["colour_w1_mean"] = float(np.mean([c["w1"] for c in report["colour"].values()]))
-  dist, idx = metrics.nearest_neighbours(samples_u8, ctx["train_u8"])
-  base = ctx["heldout_nn"]
+  dist, idx = metrics.nearest_neighbours(samples_u8, ref.train_u8)
+  base = ref.heldout_nn
   report["memorisation"] = {
-      "train_images_searched": int(len(ctx["train_u8"])),
+      "train_images_searched": int(len(ref.train_u8)),
       "sample_nn_rms_median": float(np.median(dist)),
       "heldout_nn_rms_median": float(np.median(base)),
       "ratio_median": float(np.median(dist) / np.median(base)),
       "frac_samples_closer_than_1pct_heldout": float((dist < np.percentile(base, 1)).mean()),
   }
-  report["_nearest"] = (dist, idx)
-  return report
+  return report, (dist, idx)
 
 
 def _save_nearest(path, samples_u8, train_u8, dist, idx, n: int = 8):
@@ -295,92 +272,85 @@ def _print_table(r: dict) -> None:
           f" vs held-out {m['heldout_nn_rms_median']:.4f} (ratio {m['ratio_median']:.2f})")
 
 
-def evaluate(config, workdir: str) -> list[dict]:
-  """Evaluates the checkpoints ``eval.checkpoints`` names; returns their reports."""
-  from tqdm import tqdm
+def bound_report(config, schedule, term, params, heldout: list, step: int) -> dict:
+  """Held-out bits/dim of ``params`` (see the module docstring)."""
+  T, k = schedule.num_timesteps, int(config.eval.timesteps_per_image)
+  key = jax.random.key(config.sampling.seed)
+  bounds = []
+  terms = T if k <= 0 else len(strata(T, k))  # network calls per batch
+  with progress.Progress(len(heldout) * terms, f"bits/dim @{step}", "call") as bar:
+    for b, x0 in enumerate(heldout):
+      bounds.append(bound_per_image(schedule, term, params, x0, jax.random.fold_in(key, b), k,
+                                    on_term=bar.update))
+  nats = np.concatenate(bounds)
+  dims = config.data.image_size ** 2 * config.data.num_channels
+  bpd = nats / (dims * math.log(2))
+  return {
+      "step": int(step), "num_images": int(len(bpd)), "split": config.data.eval_split,
+      "bits_per_dim": float(bpd.mean()),
+      "bits_per_dim_stderr": float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if len(bpd) > 1
+      else None,
+      "bound": ("exact over all T" if k <= 0 else
+                f"prior and decoder exact, KL terms from {k} stratified timesteps per image"),
+      "params": "ema" if config.sampling.use_ema else "raw",
+  }
 
-  from ddpm_jax import run_utils
-  ev = settings(config)
-  workdir = os.path.abspath(workdir)
-  steps = checkpoint_steps(workdir, ev["checkpoints"])
+
+def _write(config, workdir, report, samples_u8, ref, nearest, writer) -> None:
+  """Process 0: <step>.json, <step>_samples.png, <step>_nearest.png, scalars, the table."""
+  name = config.eval.name
+  step = report["step"]
+  stem = fs.join(workdir, "eval", f"{step}_{name}" if name else f"{step}")
+  if ref is not None:
+    _save_nearest(f"{stem}_nearest.png", samples_u8, ref.train_u8, *nearest)
+    images.save_png(f"{stem}_samples.png", images.make_grid(samples_u8[:64]),
+                    scale=max(1, 64 // config.data.image_size))
+  fs.write_json(f"{stem}.json", report)
+  if not name:  # named evaluations are side studies: kept out of the curves
+    writer.scalars(step, _flat_scalars(report))
+  _print_table(report)
+  logging.info("wrote %s.json", stem)
+
+
+def evaluate(config, workdir: str) -> list[dict]:
+  """Evaluates the checkpoints ``eval.checkpoints`` names; returns their reports.
+
+  Every process computes the same reports (the bound and the validation loss on its
+  own first device, samples each its slice); process 0 writes them.
+  """
+  ev = config.eval
+  workdir = fs.normalize(workdir)
+  steps = checkpoint_steps(workdir, ev.checkpoints)
   model = models.create_model(config)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  eps_fn_p = eps_fn_for(config, model, schedule)
-  T = schedule.num_timesteps
-  k = int(ev["timesteps_per_image"])
   source = input_pipeline.get_source(config, config.data.eval_split)
-  val_loss = ValidationLoss(config, model, schedule, source, ev["num_examples"], ev["batch_size"])
-  term = make_term_fn(schedule, eps_fn_p)
-  is_main = jax.process_index() == 0
-
-  ctx = None
-  if ev["num_samples"] > 0:
-    ctx = {"settings": ev, "extractors": [features.random_conv()],
-           "fid_unavailable": "unavailable: set eval.inception_weights to the path of "
-                              "pt_inception-2015-12-05-6726825d.pth"}
-    if ev["inception_weights"]:
-      ctx["extractors"].append(features.inception(ev["inception_weights"],
-                                                  ev["inception_sha256"]))
-    train_src = input_pipeline.get_source(config, config.data.train_split)
-    ctx["train_u8"] = _load_uint8(train_src, ev["nn_max_train"])
-    ctx["ref_u8"] = ctx["train_u8"][:ev["num_reference"]]
-    ctx["ref_feats"] = {e.name: reference_features(config, workdir, e, ctx["ref_u8"])
-                        for e in ctx["extractors"]}
-    heldout = _load_uint8(source, ev["num_examples"])
-    ctx["heldout_nn"] = metrics.nearest_neighbours(heldout, ctx["train_u8"])[0]
-    sampler = sample_lib.Sampler(config, model, schedule)
-
-  writer = run_utils.MetricWriter(workdir, enabled=is_main, name="eval")
+  val_loss = validation.ValidationLoss(config, model, schedule, source, ev.num_examples,
+                                       ev.batch_size)
+  term = make_term_fn(schedule, eps_fn_for(config, model, schedule))
+  ref = Reference.build(config, source) if ev.num_samples > 0 else None
+  sampler = generate.Sampler(config, model, schedule) if ref is not None else None
+  writer = run_utils.MetricWriter(workdir, enabled=parallel.is_main(), name="eval")
   reports = []
   try:
     for step in steps:
-      params, _ = sample_lib.load_params(config, workdir, step)
-      key = jax.random.key(config.sampling.seed)
-      bounds = []
-      # The held-out batches ValidationLoss already holds; progress counts network calls.
-      terms = T if k <= 0 else len(strata(T, k))
-      with tqdm(total=len(val_loss.batches) * terms, desc=f"bits/dim @{step}", unit="call",
-                disable=not is_main) as bar:
-        for b, x0 in enumerate(val_loss.batches):
-          bounds.append(bound_per_image(schedule, term, params, x0, jax.random.fold_in(key, b),
-                                        k, on_term=bar.update))
-      nats = np.concatenate(bounds)
-      dims = config.data.image_size ** 2 * config.data.num_channels
-      bpd = nats / (dims * math.log(2))
-      report = {
-          "step": int(step), "num_images": int(len(bpd)), "split": config.data.eval_split,
-          "bits_per_dim": float(bpd.mean()),
-          "bits_per_dim_stderr": float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if len(bpd) > 1
-          else None,
-          "bound": ("exact over all T" if k <= 0 else
-                    f"prior and decoder exact, KL terms from {k} stratified timesteps per image"),
-          "val_loss_per_t_bucket": {n: v for n, v in val_loss(params).items() if n != "all"},
-          "params": "ema" if config.sampling.use_ema else "raw",
-      }
-      if ctx is None:
+      params, _ = generate.load_params(config, workdir, step)
+      # The bound reuses the held-out batches ValidationLoss holds.
+      report = bound_report(config, schedule, term, params, val_loss.batches, step)
+      report["val_loss_per_t_bucket"] = {n: v for n, v in val_loss(params).items() if n != "all"}
+      samples_u8 = nearest = None
+      if ref is None:
         report["fid"] = report["kid"] = "not computed: eval.num_samples is 0"
       else:
         s = config.sampling
-        report["sampler"] = (f"{s.sampler}, {s.num_steps} steps, eta {s.eta}, "
-                             f"seed {s.seed}" if s.sampler != "ddpm" else f"ddpm, {T} steps")
-        samples_u8 = images.to_uint8(sample_lib.generate(
-            config, sampler, params, ev["num_samples"], desc="eval samples")[0])
-        report.update(sample_metrics(config, workdir, samples_u8, ctx))
-        dist, idx = report.pop("_nearest")
-      if is_main:
-        out_dir = os.path.join(workdir, "eval")
-        os.makedirs(out_dir, exist_ok=True)
-        stem = os.path.join(out_dir, f"{step}_{ev['name']}" if ev["name"] else f"{step}")
-        if ctx is not None:
-          _save_nearest(f"{stem}_nearest.png", samples_u8, ctx["train_u8"], dist, idx)
-          images.save_png(f"{stem}_samples.png", images.make_grid(samples_u8[:64]),
-                          scale=max(1, 64 // config.data.image_size))
-        with open(f"{stem}.json", "w") as f:
-          json.dump(report, f, indent=2)
-        if not ev["name"]:  # named evaluations are side studies: kept out of the curves
-          writer.scalars(step, _flat_scalars(report))
-        _print_table(report)
-        logging.info("wrote %s.json", stem)
+        report["sampler"] = (f"{s.sampler}, {s.num_steps} steps, eta {s.eta}, seed {s.seed}"
+                             if s.sampler != "ddpm" else
+                             f"ddpm, {schedule.num_timesteps} steps")
+        samples_u8 = images.to_uint8(generate.generate(config, sampler, params, ev.num_samples,
+                                                       desc="eval samples")[0])
+        sample_report, nearest = sample_metrics(config, samples_u8, ref)
+        report.update(sample_report)
+      if parallel.is_main():
+        _write(config, workdir, report, samples_u8, ref, nearest, writer)
       reports.append(report)
   finally:
     writer.close()

@@ -38,10 +38,11 @@ class Extractor:
   def __call__(self, images: np.ndarray) -> np.ndarray:
     if not len(images):
       return np.zeros((0, self.dim), np.float32)
-    from tqdm import tqdm
+    from ddpm_jax import progress
     out = []
-    with tqdm(total=len(images), desc=f"{self.name} features", unit="img",
-              disable=len(images) <= 4 * self.batch_size or jax.process_index() != 0) as bar:
+    with progress.Progress(len(images), f"{self.name} features", "img",
+                           enabled=len(images) > 4 * self.batch_size and
+                           jax.process_index() == 0) as bar:
       for f in self.stream([images]):
         out.append(f)
         bar.update(len(f))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import zipfile
 from collections import OrderedDict
@@ -32,14 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import fs
+from ddpm_jax.errors import WeightsError
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 EXPECTED_SHA256_PREFIX = "6726825d"
 FEATURE_DIM = 2048
-
-
-class WeightsError(ValueError):
-  """The Inception weights file is missing, corrupt or not the expected one."""
-
+__all__ = ["WeightsError", "load_params", "make_feature_fn", "read_torch_file"]
 
 # ----------------------------------------------------------------------------- network
 
@@ -279,8 +277,7 @@ def _unpickle(f) -> tuple[object, dict]:
 def read_torch_file(path: str) -> dict[str, np.ndarray]:
   """A torch-saved state dict (``torch.save(model.state_dict(), path)``) as numpy arrays,
   without torch. Supports the zip format (torch >= 1.6) and the legacy stream."""
-  with open(path, "rb") as fh:
-    raw = fh.read()
+  raw = fs.read_bytes(path)
   if zipfile.is_zipfile(io.BytesIO(raw)):
     with zipfile.ZipFile(io.BytesIO(raw)) as z:
       names = z.namelist()
@@ -353,7 +350,7 @@ def params_from_state_dict(sd: dict[str, np.ndarray], template) -> dict:
 
 def sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with fs.path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
@@ -362,7 +359,7 @@ def sha256(path: str) -> str:
 def load_params(path: str, expected_sha256: str = EXPECTED_SHA256_PREFIX):
   """Parameters from the FID weights file at ``path``, after checking its sha256 (a full
   hash, or a prefix as in the official file name)."""
-  if not path or not os.path.isfile(path):
+  if not path or not fs.exists(path):
     raise WeightsError(f"Inception weights file {path!r} not found; get {WEIGHTS_NAME} from "
                        "https://github.com/mseitzer/pytorch-fid/releases and set "
                        "--config.eval.inception_weights=PATH")

@@ -18,76 +18,83 @@ import threading
 from typing import Iterator, Protocol
 
 import numpy as np
-from PIL import Image
 
-
-def hide_accelerators_from_tf():
-  """TF is only used for data preparation here: keep it off GPUs/TPUs so JAX has them."""
-  import tensorflow as tf
-  try:
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU")
-  except (RuntimeError, ValueError):
-    pass  # already initialised, or no such device type
-  return tf
+from ddpm_jax import images
 
 
 class Source(Protocol):
-  """Random access to a split: ``len(source)`` and ``source[i] -> uint8 (H, W, C)``."""
+  """Random access to a split: ``len(source)``, ``source[i] -> uint8 (H, W, C)`` and
+  ``source.example(i) -> (image, label or None)``; ``class_names`` is () without labels."""
+  class_names: tuple
   def __len__(self) -> int: ...
   def __getitem__(self, i: int) -> np.ndarray: ...
-
-
-def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:
-  """Centre-crops to a square and resizes to (size, size) with antialiasing (PIL bicubic)."""
-  h, w = img.shape[:2]
-  if h == w == size:
-    return img
-  s = min(h, w)
-  top, left = (h - s) // 2, (w - s) // 2
-  img = img[top:top + s, left:left + s]
-  pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-  out = np.asarray(pil.resize((size, size), Image.BICUBIC, reducing_gap=None))
-  return out[..., None] if out.ndim == 2 else out
+  def example(self, i: int) -> tuple: ...
 
 
 class TfdsArraySource:
   """A split of a TFDS dataset prepared in ArrayRecord format, read by index."""
 
-  def __init__(self, builder, split: str, image_key: str, image_size: int):
+  def __init__(self, builder, split: str, image_key: str, image_size: int,
+               label_key: str | None = None, class_names: tuple = ()):
     self._ds = builder.as_data_source(split=split)
-    self._key, self._size = image_key, image_size
+    self._key, self._size, self._label_key = image_key, image_size, label_key
+    self.class_names = class_names
 
   def __len__(self):
     return len(self._ds)
 
+  def example(self, i):
+    ex = self._ds[int(i)]
+    img = images.center_crop_resize(np.asarray(ex[self._key]), self._size)
+    return img, (int(ex[self._label_key]) if self._label_key else None)
+
   def __getitem__(self, i):
-    img = np.asarray(self._ds[int(i)][self._key])
-    return center_crop_resize(img, self._size)
+    return self.example(i)[0]
 
 
 class ArraySource:
-  """A split held in memory as uint8 (N, H, W, C)."""
+  """A split held in memory as uint8 (N, H, W, C), with optional int labels (N,)."""
 
-  def __init__(self, images: np.ndarray):
-    self.images = images
+  def __init__(self, images: np.ndarray, labels: np.ndarray | None = None,
+               class_names: tuple = ()):
+    self.images, self.labels, self.class_names = images, labels, class_names
 
   def __len__(self):
     return len(self.images)
+
+  def example(self, i):
+    return self.images[int(i)], (int(self.labels[int(i)]) if self.labels is not None else None)
 
   def __getitem__(self, i):
     return self.images[int(i)]
 
 
-def get_source(config, split: str) -> Source:
-  """The data source for ``config.data`` and ``split`` ("train"/"test" or a TFDS split)."""
+def class_names_of(builder, label_key: str) -> tuple:
+  """The class names of a dataset's ClassLabel feature ``label_key`` (() if it has none)."""
+  feature = builder.info.features.get(label_key) if label_key else None
+  return tuple(getattr(feature, "names", None) or ())
+
+
+def get_source(config, split: str, with_labels: bool = False) -> Source:
+  """The data source for ``config.data`` and ``split`` ("train"/"test" or a TFDS split).
+
+  ``with_labels``: also read ``data.label_key`` (raises if the dataset has no labels).
+  """
   from ddpm_jax import datasets as ds_lib
   data = config.data
   builder = ds_lib.get_builder(config)
+  label_key = data.get("label_key", "label") if with_labels else None
+  names = class_names_of(builder, label_key) if with_labels else ()
+  if with_labels and not names:
+    raise ds_lib.DatasetError(
+        f"dataset {data.dataset!r} has no class labels (feature {label_key!r}); for an image "
+        f"folder put each class in its own sub-folder, or set --config.model.num_classes=0")
   fmt = builder.info.file_format
   if getattr(fmt, "value", fmt) == "array_record":
-    return TfdsArraySource(builder, split, data.image_key, data.image_size)
-  return ArraySource(ds_lib.load_split_in_memory(builder, split, data.image_key, data.image_size))
+    return TfdsArraySource(builder, split, data.image_key, data.image_size, label_key, names)
+  imgs, labels = ds_lib.load_split_in_memory(builder, split, data.image_key, data.image_size,
+                                             label_key)
+  return ArraySource(imgs, labels, names)
 
 
 class TrainBatches:
@@ -102,18 +109,20 @@ class TrainBatches:
     process_index, process_count, local_devices: this process's place in the job.
     num_workers: decoding threads.
     prefetch: batches prepared ahead.
+    with_labels: batches are {"image": ..., "label": [local_devices, B/dev] int32}.
   """
 
   def __init__(self, source: Source, global_batch: int, *, seed: int = 0, start_step: int = 0,
                random_flip: bool = True, process_index: int = 0, process_count: int = 1,
-               local_devices: int = 1, num_workers: int = 8, prefetch: int = 2):
+               local_devices: int = 1, num_workers: int = 8, prefetch: int = 2,
+               with_labels: bool = False):
     if global_batch % (process_count * local_devices):
       raise ValueError(f"global batch {global_batch} is not divisible by "
                        f"{process_count} processes x {local_devices} local devices")
     if len(source) == 0:
       raise ValueError("the training split is empty")
     self.source, self.global_batch, self.seed = source, global_batch, seed
-    self.random_flip = random_flip
+    self.random_flip, self.with_labels = random_flip, with_labels
     self.local_batch = global_batch // process_count
     self.process_index, self.local_devices = process_index, local_devices
     self.step = start_step
@@ -140,12 +149,17 @@ class TrainBatches:
     flips = flips[self.process_index * self.local_batch:][:self.local_batch]
     return idx, flips & self.random_flip
 
-  def make_batch(self, step: int) -> np.ndarray:
+  def make_batch(self, step: int):
     idx, flips = self.indices(step)
-    imgs = np.stack(list(self._pool.map(self.source.__getitem__, idx)))
+    examples = list(self._pool.map(self.source.example, idx))
+    imgs = np.stack([img for img, _ in examples])
     imgs = np.where(flips[:, None, None, None], imgs[:, :, ::-1], imgs)
-    x = imgs.astype(np.float32) / 127.5 - 1.0
-    return x.reshape((self.local_devices, -1) + x.shape[1:])
+    x = images.to_float(imgs)
+    x = x.reshape((self.local_devices, -1) + x.shape[1:])
+    if not self.with_labels:
+      return x
+    labels = np.array([label for _, label in examples], np.int32)
+    return {"image": x, "label": labels.reshape(self.local_devices, -1)}
 
   def _produce(self):
     step = self.step
@@ -184,4 +198,4 @@ def eval_batches(source: Source, batch_size: int, num_examples: int | None = Non
   with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
     for start in range(0, n, batch_size):
       imgs = np.stack(list(pool.map(source.__getitem__, range(start, min(start + batch_size, n)))))
-      yield imgs.astype(np.float32) / 127.5 - 1.0
+      yield images.to_float(imgs)

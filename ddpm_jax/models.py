@@ -4,8 +4,18 @@ Residual blocks with GroupNorm and a sinusoidal timestep embedding, self-attenti
 over spatial positions at chosen resolutions, dropout, and a channel multiplier and
 a number of residual blocks per level. With ch=128, ch_mult=(1, 2, 2, 2),
 num_res_blocks=2, attention at 16x16 it is the DDPM CIFAR-10 model (35,746,307
-parameters). The network knows nothing of diffusion: it maps (x_t, t) to an
-output with x_t's shape.
+parameters). The network knows nothing of diffusion: it maps (x_t, t) and, for a
+class-conditional model, a label y to an output with x_t's shape.
+
+Options beyond DDPM's architecture (used by ``configs/anime_notebook.py``, the Keras
+notebook's network): the timestep embedding as a scale and shift of the second
+GroupNorm (``time_conditioning="scale_shift"``), linear attention (``attention="linear"``,
+Katharopoulos et al. 2020; the middle block keeps softmax attention), and average-pool
+down / bilinear up without convolutions (``resample="pool"``).
+
+Class conditioning (``num_classes > 0``): a learned embedding of the label is added to
+the timestep embedding. Row ``num_classes`` is the null label: what classifier-free
+guidance trains with dropped labels and samples as "unconditional".
 """
 
 from __future__ import annotations
@@ -35,11 +45,13 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 
 
 class ResBlock(nn.Module):
-  """GroupNorm-SiLU-Conv, plus the projected timestep embedding, twice, with a skip."""
+  """GroupNorm-SiLU-Conv twice, with a skip; the timestep embedding is added after the first
+  conv ("add", DDPM) or scales and shifts the second GroupNorm ("scale_shift")."""
   out_ch: int
   dropout: float = 0.0
   num_groups: int = 32
   dtype: jnp.dtype = jnp.float32
+  time_conditioning: str = "add"
 
   @nn.compact
   def __call__(self, x, temb, train: bool):
@@ -47,9 +59,16 @@ class ResBlock(nn.Module):
         feat, (k, k), padding=k // 2, dtype=self.dtype, kernel_init=init, name=name)
     h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm1")(x))
     h = conv(self.out_ch, 3, name="conv1")(h)
-    h = h + nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=default_init,
-                     name="temb_proj")(nn.silu(temb))[:, None, None, :]
-    h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm2")(h))
+    if self.time_conditioning == "scale_shift":
+      ss = nn.Dense(2 * self.out_ch, dtype=self.dtype, kernel_init=default_init,
+                    name="temb_proj")(nn.silu(temb))[:, None, None, :]
+      scale, shift = jnp.split(ss, 2, axis=-1)
+      h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm2")(h) * (1 + scale) + shift
+    else:
+      h = h + nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=default_init,
+                       name="temb_proj")(nn.silu(temb))[:, None, None, :]
+      h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm2")(h)
+    h = nn.silu(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.out_ch, 3, zero_init, name="conv2")(h)
     if x.shape[-1] != self.out_ch:
@@ -79,6 +98,32 @@ class AttnBlock(nn.Module):
     return x + out.reshape(B, H, W, C)
 
 
+class LinearAttnBlock(nn.Module):
+  """Linear attention over the H*W positions (Katharopoulos et al. 2020, in the form of
+  lucidrains' LinearAttention): softmax of q over features, of k over positions, so the
+  cost is linear in H*W. Heads of ``head_dim`` channels; output GroupNorm(1)."""
+  num_heads: int = 4
+  head_dim: int = 32
+  num_groups: int = 32
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    B, H, W, C = x.shape
+    h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x).reshape(B, H * W, C)
+    qkv = nn.DenseGeneral((3, self.num_heads, self.head_dim), dtype=self.dtype,
+                          kernel_init=default_init, use_bias=False, name="qkv")(h)
+    q, k, v = (qkv[:, :, i].astype(jnp.float32) for i in range(3))  # (B, N, heads, d)
+    q = jax.nn.softmax(q, axis=-1) * self.head_dim ** -0.5
+    k = jax.nn.softmax(k, axis=1)
+    context = jnp.einsum("bnhd,bnhe->bhde", k, v)
+    out = jnp.einsum("bhde,bnhd->bnhe", context, q).astype(self.dtype)
+    out = nn.DenseGeneral(C, axis=(-2, -1), dtype=self.dtype, kernel_init=default_init,
+                          name="proj_out")(out)
+    out = nn.GroupNorm(1, dtype=self.dtype, name="norm_out")(out)
+    return x + out.reshape(B, H, W, C)
+
+
 class UNet(nn.Module):
   """The DDPM U-Net. ``attn_resolutions`` are feature-map sizes (e.g. 16 for 16x16)."""
   ch: int = 128
@@ -90,12 +135,23 @@ class UNet(nn.Module):
   num_heads: int = 1
   num_groups: int = 32
   dtype: jnp.dtype = jnp.float32
+  num_classes: int = 0  # > 0: class-conditional, with a null label at index num_classes
+  time_conditioning: str = "add"  # "add" (DDPM) or "scale_shift"
+  attention: str = "softmax"  # at attn_resolutions: "softmax" (DDPM) or "linear"
+  resample: str = "conv"  # "conv" (strided conv down, nearest+conv up) or "pool"
 
   @nn.compact
-  def __call__(self, x, t, train: bool = False):
-    """Args: x (B, H, W, C) noisy images; t (B,) int timesteps. Returns (B, H, W, out_ch)."""
-    res_kw = dict(dropout=self.dropout, num_groups=self.num_groups, dtype=self.dtype)
-    attn = lambda h: AttnBlock(self.num_heads, self.num_groups, self.dtype)(h)  # noqa: E731
+  def __call__(self, x, t, y=None, train: bool = False):
+    """Args: x (B, H, W, C) noisy images; t (B,) int timesteps; y (B,) int labels in
+    [0, num_classes] (num_classes = no label) or None. Returns (B, H, W, out_ch)."""
+    res_kw = dict(dropout=self.dropout, num_groups=self.num_groups, dtype=self.dtype,
+                  time_conditioning=self.time_conditioning)
+    mid_attn = lambda h: AttnBlock(self.num_heads, self.num_groups, self.dtype)(h)  # noqa: E731
+    if self.attention == "linear":
+      attn = lambda h: LinearAttnBlock(  # noqa: E731
+          num_groups=self.num_groups, dtype=self.dtype)(h)
+    else:
+      attn = mid_attn
     conv3 = lambda feat, **kw: nn.Conv(feat, (3, 3), padding=1, dtype=self.dtype,  # noqa: E731
                                        kernel_init=kw.pop("init", default_init), **kw)
     x = x.astype(self.dtype)
@@ -103,6 +159,11 @@ class UNet(nn.Module):
     temb = nn.Dense(self.ch * 4, dtype=self.dtype, kernel_init=default_init, name="temb0")(temb)
     temb = nn.Dense(self.ch * 4, dtype=self.dtype, kernel_init=default_init,
                     name="temb1")(nn.silu(temb))
+    if self.num_classes:
+      if y is None:
+        y = jnp.full(t.shape, self.num_classes, jnp.int32)
+      temb = temb + nn.Embed(self.num_classes + 1, self.ch * 4, dtype=self.dtype,
+                             name="class_emb")(y)
 
     hs = [conv3(self.ch, name="conv_in")(x)]
     for level, mult in enumerate(self.ch_mult):
@@ -112,10 +173,13 @@ class UNet(nn.Module):
           h = attn(h)
         hs.append(h)
       if level != len(self.ch_mult) - 1:
-        hs.append(conv3(hs[-1].shape[-1], strides=2)(hs[-1]))
+        if self.resample == "pool":
+          hs.append(nn.avg_pool(hs[-1], (2, 2), (2, 2)))
+        else:
+          hs.append(conv3(hs[-1].shape[-1], strides=2)(hs[-1]))
 
     h = ResBlock(hs[-1].shape[-1], **res_kw)(hs[-1], temb, train)
-    h = attn(h)
+    h = mid_attn(h)
     h = ResBlock(h.shape[-1], **res_kw)(h, temb, train)
 
     for level, mult in reversed(list(enumerate(self.ch_mult))):
@@ -125,8 +189,10 @@ class UNet(nn.Module):
           h = attn(h)
       if level != 0:
         B, H, W, C = h.shape
-        h = jax.image.resize(h, (B, 2 * H, 2 * W, C), "nearest")
-        h = conv3(C)(h)
+        if self.resample == "pool":
+          h = jax.image.resize(h, (B, 2 * H, 2 * W, C), "bilinear")
+        else:
+          h = conv3(C)(jax.image.resize(h, (B, 2 * H, 2 * W, C), "nearest"))
     assert not hs
     h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(h))
     return conv3(self.out_ch, init=zero_init, name="conv_out")(h).astype(jnp.float32)
@@ -139,13 +205,24 @@ def create_model(config) -> UNet:
   return UNet(ch=m.ch, out_ch=config.data.get("num_channels", 3), ch_mult=tuple(m.ch_mult),
               num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
               dropout=m.dropout, num_heads=m.get("num_heads", 1),
-              num_groups=m.get("num_groups", 32), dtype=dtype)
+              num_groups=m.get("num_groups", 32), dtype=dtype,
+              num_classes=m.get("num_classes", 0),
+              time_conditioning=m.get("time_conditioning", "add"),
+              attention=m.get("attention", "softmax"), resample=m.get("resample", "conv"))
 
 
 def init_params(model: UNet, key: jax.Array, image_size: int, channels: int = 3):
   """Initialises parameters with a batch of one (shapes only depend on the image size)."""
   x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
-  return model.init({"params": key}, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
+  t = jnp.zeros((1,), jnp.int32)
+  return model.init({"params": key}, x, t, t if model.num_classes else None,
+                    train=False)["params"]
+
+
+def apply(model: UNet, params, x, t, y=None, *, train: bool = False, dropout_key=None):
+  """The network's output for noisy images ``x`` at timesteps ``t`` (labels ``y``)."""
+  rngs = {"dropout": dropout_key} if dropout_key is not None else None
+  return model.apply({"params": params}, x, t, y, train=train, rngs=rngs)
 
 
 def count_params(params) -> int:

@@ -1,25 +1,50 @@
-"""The one place that parallelises: device meshes for pmap, sharding and replication.
+"""The one place that parallelises, and where multi-host decisions are made.
 
-Training and sampling use ``jax.pmap`` over the local devices of every process with
-the axis name ``AXIS``; collectives over that axis span all devices of all processes.
+Devices: training and sampling use ``jax.pmap`` over the local devices of every
+process with the axis name ``AXIS``; collectives over that axis span all devices of
+all processes.
+
+Processes (a TPU pod slice, a multi-node GPU job, ``python -m ddpm_jax.launch``):
+every process runs the same command, and nothing that ends in a collective is
+decided by one process alone:
+  * host-side requests in the train loop (stop on a signal, save because a clock
+    says so) ride along with the next train step and are combined with ``agree``
+    (a ``pmax`` over all devices); every process reads back the same value and acts
+    at the same step;
+  * work only process 0 does (preparing data, taking the workdir lock) goes through
+    ``process_0_then_all``: the others wait for its outcome and raise its error;
+  * only process 0 writes logs, samples and reports (``is_main``);
+  * a process that dies is noticed by the others through the coordination service's
+    heartbeat (``DDPM_JAX_HEARTBEAT_TIMEOUT_S``, default 60 s) or at once by a
+    failing collective; they then exit non-zero.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import jax
 import numpy as np
 
+from ddpm_jax import errors
+
 AXIS = "batch"
+HEARTBEAT_TIMEOUT_S = 60
+
+
+def is_main() -> bool:
+  """True on the process that writes files and logs (process 0)."""
+  return jax.process_index() == 0
 
 
 def check_batch_size(global_batch: int, what: str = "training.batch_size") -> int:
   """Returns the per-device batch, or raises a clear error if it does not divide."""
   n = jax.device_count()
   if global_batch <= 0 or global_batch % n:
-    raise ValueError(f"{what}={global_batch} must be a positive multiple of the number of "
-                     f"devices ({n}); set --config.{what}={max(n, global_batch // n * n)}")
+    raise errors.ConfigError(
+        f"{what}={global_batch} must be a positive multiple of the number of devices ({n}); "
+        f"set --config.{what}={max(n, global_batch // n * n)}")
   return global_batch // n
 
 
@@ -45,8 +70,13 @@ def replicate(tree):
 
 
 def unreplicate(tree):
-  """Takes device 0's copy of a replicated pytree, as host numpy arrays."""
-  return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+  """Takes the first local device's copy of a replicated pytree, as host numpy arrays.
+
+  Copies that device's buffer: indexing the array (``x[0]``) would run an XLA
+  computation over the local devices, whose collectives deadlocked with gloo when
+  another process was in a different collective (seen with 2 devices per process).
+  """
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
 
 def shard(batch: np.ndarray):
@@ -56,21 +86,98 @@ def shard(batch: np.ndarray):
   return jax.device_put(batch, _local_sharding())
 
 
+def allgather(x: np.ndarray) -> np.ndarray:
+  """Concatenates every process's ``x`` (same shape on each) along axis 0, in process order."""
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x)).reshape((-1,) + x.shape[1:])
+
+
+# Requests that one process may make and all must act on together.
+REQUESTS = ("stop", "save")
+
+
+def requests_array(**requests: bool) -> np.ndarray:
+  """This process's requests, one row per local device, to pass into a pmapped step."""
+  row = np.array([bool(requests.get(name, False)) for name in REQUESTS], np.int32)
+  return np.broadcast_to(row, (jax.local_device_count(), len(REQUESTS)))
+
+
+def agree(requests):
+  """Inside a pmapped function: the requests of every device of every process, combined."""
+  return jax.lax.pmax(requests, AXIS)
+
+
+def read_agreed(agreed) -> dict:
+  """The combined requests (identical on every process) as {name: bool}."""
+  row = np.asarray(jax.device_get(agreed))[0]
+  return {name: bool(row[i]) for i, name in enumerate(REQUESTS)}
+
+
+_calls: dict[str, int] = {}
+
+
+def _client():
+  from jax._src import distributed
+  return distributed.global_state.client
+
+
+def process_0_then_all(name: str, fn: Callable, timeout_s: float = 4 * 3600):
+  """Runs ``fn`` on process 0 while the others wait (at most ``timeout_s``) for its outcome.
+
+  The others raise process 0's ``UserError`` (same class, same message), or a
+  RuntimeError if it failed otherwise. Returns ``fn()``'s result on process 0 and
+  None elsewhere. Every process must make the same calls in the same order.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  n = _calls[name] = _calls.get(name, 0) + 1
+  key = f"ddpm_jax/{name}/{n}"
+  if is_main():
+    try:
+      out = fn()
+    except errors.UserError as e:
+      _client().key_value_set(key, f"user\t{type(e).__name__}\t{e}")
+      raise
+    except BaseException as e:
+      _client().key_value_set(key, f"crash\t{type(e).__name__}\t{e}")
+      raise
+    _client().key_value_set(key, "ok")
+    return out
+  status = _client().blocking_key_value_get(key, int(timeout_s * 1000))
+  if status == "ok":
+    return None
+  kind, cls, msg = status.split("\t", 2)
+  if kind == "user":
+    raise getattr(errors, cls, errors.UserError)(msg)
+  raise RuntimeError(f"process 0 failed during {name!r} ({cls}: {msg}); see its log")
+
+
 def is_multi_host_launch(env=None) -> bool:
   """True when the environment says several processes make up this job."""
-  import os
   env = os.environ if env is None else env
   if env.get("JAX_COORDINATOR_ADDRESS"):
     return True
   if "," in env.get("TPU_WORKER_HOSTNAMES", ""):  # Cloud TPU VM pod slice
     return True
-  return any(int(env.get(k, "1") or 1) > 1 for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+  return any(int(env.get(k, "1") or 1) > 1
+             for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"))
 
 
-def maybe_initialize_distributed() -> None:
-  """Calls ``jax.distributed.initialize()`` for multi-host jobs (TPU pods: no arguments).
+def initialize_distributed(env=None) -> None:
+  """Calls ``jax.distributed.initialize`` for multi-host jobs; single-host runs skip it.
 
-  Single-host runs skip it.
+  Cloud TPU pods, SLURM and Open MPI are detected by JAX itself. ``ddpm_jax.launch``
+  sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
   """
-  if is_multi_host_launch():
-    jax.distributed.initialize()
+  env = os.environ if env is None else env
+  if not is_multi_host_launch(env):
+    return
+  kwargs = {}
+  if env.get("JAX_NUM_PROCESSES") and env.get("JAX_PROCESS_ID"):
+    kwargs = dict(num_processes=int(env["JAX_NUM_PROCESSES"]),
+                  process_id=int(env["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(
+      heartbeat_timeout_seconds=int(env.get("DDPM_JAX_HEARTBEAT_TIMEOUT_S",
+                                            HEARTBEAT_TIMEOUT_S)), **kwargs)

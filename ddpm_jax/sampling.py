@@ -23,6 +23,7 @@ from ddpm_jax import diffusion
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")
+AUTO_SPACING = "auto"  # uniform for DDPM/DDIM, logsnr for DPM-Solver++
 SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
 
 
@@ -270,15 +271,21 @@ def model_eps_fn(apply_fn: Callable, params, schedule: diffusion.Schedule,
   return eps_fn
 
 
+def resolve_spacing(sampler: str, spacing: str) -> str:
+  """``"auto"`` is "logsnr" for DPM-Solver++ and "uniform" for DDPM/DDIM."""
+  if spacing == AUTO_SPACING:
+    return "logsnr" if sampler.startswith("dpm") else "uniform"
+  return spacing
+
+
 def sample(sampler: str, eps_fn: EpsFn, schedule: diffusion.Schedule, x_T, key, *,
-           num_steps: int = 50, eta: float = 0.0, spacing: str = "auto",
+           num_steps: int = 50, eta: float = 0.0, spacing: str = AUTO_SPACING,
            variance: str = "small", clip_x0: bool = False, num_frames: int = 0):
   """Dispatches to the sampler named ``sampler`` (one of SAMPLERS).
 
   spacing "auto" is "uniform" for DDIM and "logsnr" for DPM-Solver++.
   """
-  if spacing == "auto":
-    spacing = "logsnr" if sampler.startswith("dpm") else "uniform"
+  spacing = resolve_spacing(sampler, spacing)
   if sampler == "ddpm":
     return ddpm_sample(eps_fn, schedule, x_T, key, variance=variance, clip_x0=clip_x0,
                        num_frames=num_frames)

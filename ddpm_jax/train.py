@@ -1,4 +1,4 @@
-"""Training: the train state, one pure train step, and the loop around it.
+"""Training: one pure train step, and the loop around it.
 
 ``make_train_step`` returns a pure ``train_step(state, batch, key) -> (state, metrics)``.
 Per-step randomness is derived with ``fold_in`` from the base key, the step and the
@@ -8,68 +8,34 @@ resumed run draws what an uninterrupted one would.
 
 from __future__ import annotations
 
-from typing import Any
+import time
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 
-from ddpm_jax import diffusion, models, parallel
+from ddpm_jax import checkpoint as ckpt_lib
+from ddpm_jax import (
+  config_lib,
+  diffusion,
+  fs,
+  generate,
+  images,
+  input_pipeline,
+  models,
+  parallel,
+  progress,
+  run_utils,
+  validation,
+)
+from ddpm_jax import state as state_lib
+from ddpm_jax.errors import DivergenceError
+from ddpm_jax.state import TrainState
 
-NUM_LOSS_BUCKETS = 10
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32 scalar: updates applied so far (skipped ones included)
-  params: Any
-  ema_params: Any
-  opt_state: Any
-
-
-def make_lr_schedule(config) -> optax.Schedule:
-  o, total = config.optim, config.training.num_train_steps
-  warmup = max(int(o.warmup_steps), 0)
-  if o.lr_schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, max(warmup, 1),
-                                              max(total, warmup + 1), end_value=0.0)
-  if warmup == 0:
-    return optax.constant_schedule(o.learning_rate)
-  return optax.linear_schedule(0.0, o.learning_rate, warmup)  # constant after warmup
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-  """Adam(W) with linear warmup, optional cosine decay and global-norm clipping."""
-  o = config.optim
-  lr = make_lr_schedule(config)
-  if o.optimizer == "adamw":
-    opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-  else:
-    opt = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
-  if o.grad_clip_norm:
-    opt = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
-  return opt
-
-
-def create_train_state(config, model, tx, key) -> TrainState:
-  """A fresh state on the host (numpy leaves): params initialised from ``key``."""
-  @jax.jit
-  def init(key):
-    params = models.init_params(model, key, config.data.image_size, config.data.num_channels)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=params, opt_state=tx.init(params))
-  return jax.device_get(init(key))
-
-
-def ema_decay_at(step, config):
-  """EMA decay for the update at ``step``: fixed, or min(decay, (1+n)/(10+n)) with warmup."""
-  decay = config.training.ema_decay
-  if config.training.get("ema_warmup", False):
-    step = step.astype(jnp.float32)
-    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-  return decay
+__all__ = ["TrainState", "DivergenceError", "make_train_step", "make_p_train_step",
+           "train_and_evaluate"]
 
 
 def _global_norm(tree):
@@ -80,47 +46,58 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
                     axis_name: str | None = parallel.AXIS):
   """Builds ``train_step(state, batch, key) -> (state, metrics)``.
 
-  ``batch`` is (B, H, W, C) in [-1, 1]. Under ``pmap`` with ``axis_name``,
-  gradients and metrics are averaged over all devices; with ``axis_name=None``
-  the step runs on one device. Non-finite loss or gradients skip the update
-  (params, EMA and optimizer state are kept) and count in ``metrics['skipped']``.
+  ``batch`` is (B, H, W, C) in [-1, 1], or {"image": ..., "label": (B,)} for a
+  class-conditional model. Under ``pmap`` with ``axis_name``, gradients and metrics are
+  averaged over all devices; with ``axis_name=None`` the step runs on one device.
+  Non-finite loss or gradients skip the update (params, EMA and optimizer state are
+  kept, so the optimizer's update count, the learning rate and the EMA warm-up stand
+  still) and count in ``metrics['skipped']``; ``state.step`` counts every step.
   """
   T = schedule.num_timesteps
   prediction_type = config.model.prediction_type
-  lr_fn = make_lr_schedule(config)
+  lr_fn = state_lib.make_lr_schedule(config)
+  label_dropout = float(config.training.get("label_dropout", 0.0))
 
   def train_step(state: TrainState, batch, key):
+    x0, labels = ((batch["image"], batch.get("label")) if isinstance(batch, dict)
+                  else (batch, None))
     # Per-example t and noise come from (key, step, global example index), so the same
     # global batch gets the same draws on 1 device or many; dropout is per device.
     key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
-    B = batch.shape[0]
+    B = x0.shape[0]
     device = jax.lax.axis_index(axis_name) if axis_name is not None else 0
     example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(device * B + jnp.arange(B))
     t = jax.vmap(lambda k: jax.random.randint(k, (), 0, T, dtype=jnp.int32))(
         jax.vmap(lambda k: jax.random.fold_in(k, 0))(example_keys))
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), batch.shape[1:]))(
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:]))(
         example_keys)
+    if model.num_classes:  # classifier-free guidance: some labels become the null label
+      labels = jnp.full((B,), model.num_classes, jnp.int32) if labels is None else labels
+      drop = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 2)) < label_dropout)(
+          example_keys)
+      labels = jnp.where(drop, model.num_classes, labels)
+    else:
+      labels = None
     dropout_key = jax.random.fold_in(dropout_key, device)
 
     def loss_fn(params):
-      model_fn = lambda x, tt: model.apply({"params": params}, x, tt, train=True,  # noqa: E731
-                                           rngs={"dropout": dropout_key})
-      losses = diffusion.per_example_loss(schedule, model_fn, batch, t, noise, prediction_type)
+      model_fn = lambda x, tt: models.apply(model, params, x, tt, labels,  # noqa: E731
+                                            train=True, dropout_key=dropout_key)
+      losses = diffusion.per_example_loss(schedule, model_fn, x0, t, noise, prediction_type)
       return losses.mean(), losses
 
     (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    bucket = t * NUM_LOSS_BUCKETS // T
-    bucket_sum = jax.ops.segment_sum(losses, bucket, NUM_LOSS_BUCKETS)
-    bucket_count = jax.ops.segment_sum(jnp.ones_like(losses), bucket, NUM_LOSS_BUCKETS)
+    bucket_sum, bucket_count = validation.bucket_sums(losses, t, T)
     if axis_name is not None:
       grads, loss = jax.lax.pmean((grads, loss), axis_name)
       bucket_sum, bucket_count = jax.lax.psum((bucket_sum, bucket_count), axis_name)
     grad_norm = _global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
+    count = state_lib.updates_applied(state.opt_state)  # updates applied so far
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    decay = ema_decay_at(state.step, config)
+    decay = state_lib.ema_decay_at(count, config)
     new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                            state.ema_params, new_params)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
@@ -129,7 +106,7 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
                            ema_params=keep(new_ema, state.ema_params),
                            opt_state=keep(new_opt_state, state.opt_state))
     metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=_global_norm(new_state.params),
-                   learning_rate=jnp.asarray(lr_fn(state.step), jnp.float32),
+                   learning_rate=jnp.asarray(lr_fn(count), jnp.float32),
                    ema_decay=jnp.asarray(decay, jnp.float32),
                    skipped=1 - ok.astype(jnp.int32),
                    loss_bucket_sum=bucket_sum, loss_bucket_count=bucket_count)
@@ -147,7 +124,7 @@ def make_multi_step(train_step, k: int):
   """
   if k == 1:
     def one_step(state, batches, key):
-      state, metrics = train_step(state, batches[0], key)
+      state, metrics = train_step(state, jax.tree.map(lambda b: b[0], batches), key)
       return state, jax.tree.map(lambda m: m[None], metrics)
     return one_step
 
@@ -157,158 +134,181 @@ def make_multi_step(train_step, k: int):
 
 
 def make_p_train_step(config, model, schedule, tx):
-  """The pmapped k-step function: (replicated state, [devices, k, B, ...] batch, key)."""
-  step = make_multi_step(make_train_step(config, model, schedule, tx),
-                         config.training.steps_per_dispatch)
-  return parallel.pmap(step, in_axes=(0, 0, None), donate_argnums=(0,))
+  """The pmapped k-step function: (replicated state, [devices, k, B, ...] batches, key,
+  [devices, len(parallel.REQUESTS)] requests) -> (state, metrics, agreed requests)."""
+  multi = make_multi_step(make_train_step(config, model, schedule, tx),
+                          config.training.steps_per_dispatch)
+
+  def step_and_agree(state, batches, key, requests):
+    state, metrics = multi(state, batches, key)
+    return state, metrics, parallel.agree(requests)
+  return parallel.pmap(step_and_agree, in_axes=(0, 0, None, 0), donate_argnums=(0,))
 
 
-def summarize_metrics(metrics) -> dict:
+def summarize_metrics(metrics, num_timesteps: int) -> dict:
   """Host metrics of one dispatch (device 0, k steps) -> flat dict of floats."""
   m = jax.tree.map(lambda x: np.asarray(x)[0], metrics)  # device 0; all devices agree
   out = {k: float(np.mean(m[k])) for k in ("loss", "grad_norm", "param_norm",
                                            "learning_rate", "ema_decay")}
   out["skipped"] = int(np.sum(m["skipped"]))
   out["last_skipped"] = int(m["skipped"][-1])
-  sums, counts = m["loss_bucket_sum"].sum(0), m["loss_bucket_count"].sum(0)
-  for i in range(NUM_LOSS_BUCKETS):
-    if counts[i]:
-      out[f"loss_t{i}"] = float(sums[i] / counts[i])
+  buckets = validation.bucket_means(m["loss_bucket_sum"].sum(0), m["loss_bucket_count"].sum(0),
+                                    num_timesteps)
+  out.update({f"loss_{name}": v for name, v in buckets.items()})
   return out
 
 
-def train_and_evaluate(config, workdir: str) -> TrainState:
-  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint if there is one.
+class _Loop:
+  """What the loop carries between dispatches: throughput, non-finite streak, saves."""
 
-  Stops cleanly (checkpoint saved) at the end, on SIGTERM/SIGINT, or after
-  ``training.max_bad_steps`` consecutive non-finite steps (exit with an error then).
+  def __init__(self, step: int):
+    self.rate_time, self.rate_step = time.time(), step
+    self.bad_streak = 0
+    self.last_save_step, self.last_save_time = step, time.time()
+
+
+def train_and_evaluate(config, workdir: str) -> TrainState:
+  """Trains ``config`` in ``workdir``, resuming from its newest readable checkpoint.
+
+  Every process of a multi-host job runs this. Stops cleanly (checkpoint saved, on
+  every process at the same step) at the end, on SIGTERM/SIGINT to any process, or
+  after ``training.max_bad_steps`` consecutive non-finite steps (DivergenceError).
   Returns the final host state.
   """
-  import contextlib
-  import os
-  import time
-
-  from absl import logging
-
-  from ddpm_jax import checkpoint as ckpt_lib
-  from ddpm_jax import config_lib, images, input_pipeline, run_utils
-  from ddpm_jax import sample as sample_lib
-
   config_lib.validate(config, jax.device_count())
-  workdir = os.path.abspath(workdir)
-  is_main = jax.process_index() == 0
+  workdir = fs.normalize(workdir)
+  is_main = parallel.is_main()
   t = config.training
   if t.compilation_cache:
     run_utils.enable_compilation_cache()
-  os.makedirs(workdir, exist_ok=True)
   mngr = ckpt_lib.make_manager(workdir, max_to_keep=t.keep_checkpoints,
                                keep_period=t.keep_period or None)
-  latest = mngr.latest_step()
-  if latest is not None:
-    config_lib.check_compatible(config, ckpt_lib.restore_config(mngr, latest).to_dict())
+  if mngr.latest_step() is not None:
+    saved, _ = ckpt_lib.newest_config(mngr, workdir)
+    config_lib.check_compatible(config, saved.to_dict())
 
-  lock = run_utils.workdir_lock(workdir) if is_main else contextlib.nullcontext()
-  with lock, run_utils.StopRequest() as stop:
-    if is_main:
-      ckpt_lib.write_config_json(workdir, config)
-    model = models.create_model(config)
-    schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-    tx = make_optimizer(config)
-    init_key, train_key = jax.random.split(jax.random.key(t.seed))
-    state = create_train_state(config, model, tx, init_key)
-    if latest is not None:
-      state = ckpt_lib.restore(mngr, state, latest)
-      logging.info("resumed from step %d in %s", latest, ckpt_lib.checkpoint_dir(workdir))
-    step = int(state.step)
-    logging.info("model: %s parameters", f"{models.count_params(state.params):,}")
+  lock = run_utils.WorkdirLock(workdir)
+  parallel.process_0_then_all("workdir lock", lock.acquire)
+  try:
+    with run_utils.StopRequest() as stop:
+      return _train(config, workdir, mngr, lock, stop, is_main)
+  finally:
+    lock.release()
 
-    source = input_pipeline.get_source(config, config.data.train_split)
-    batches = input_pipeline.TrainBatches(
-        source, t.batch_size, seed=t.seed, start_step=step, random_flip=config.data.random_flip,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        local_devices=jax.local_device_count(), num_workers=config.data.num_workers)
-    p_step = make_p_train_step(config, model, schedule, tx)
-    state_r = parallel.replicate(state)
-    writer = run_utils.MetricWriter(workdir, enabled=is_main)
-    progress = run_utils.Progress(t.num_train_steps, step, t.log_every_steps, t.batch_size,
-                                  desc="train", enabled=is_main)
-    grid_sampler = (sample_lib.Sampler(config, model, schedule)
-                    if t.sample_every_steps and is_main else None)
-    val_loss = None
-    if t.get("eval_every_steps", 0) and is_main:
-      from ddpm_jax import evaluate
-      ev = evaluate.settings(config)
-      val_loss = evaluate.ValidationLoss(
-          config, model, schedule, input_pipeline.get_source(config, config.data.eval_split),
-          ev["num_examples"], ev["batch_size"])
 
-    def save(at_step):
-      host = parallel.unreplicate(state_r)
-      if not all(np.isfinite(x).all() for x in jax.tree.leaves(host.params)):
-        logging.error("parameters at step %d are not finite: not saved", at_step)
-        return
-      ckpt_lib.save(mngr, at_step, host, config, force=True)
+def _train(config, workdir, mngr, lock, stop, is_main):
+  t = config.training
+  if is_main:
+    ckpt_lib.write_config_json(workdir, config)
+  model = models.create_model(config)
+  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  tx = state_lib.make_optimizer(config)
+  init_key, train_key = jax.random.split(jax.random.key(t.seed))
+  state = state_lib.create_train_state(config, model, tx, init_key)
+  restored, latest = ckpt_lib.restore_newest(mngr, workdir, state)
+  if restored is not None:
+    state = restored
+    logging.info("resumed from step %d in %s", latest, ckpt_lib.checkpoint_dir(workdir))
+  step = int(state.step)
+  logging.info("model: %s parameters", f"{models.count_params(state.params):,}")
 
-    k = t.steps_per_dispatch
-    last_save_time, pending, bad_streak = time.time(), None, 0
-    rate = {"time": time.time(), "step": step}  # throughput since the last logged step
-    try:
-      while step < t.num_train_steps and not stop:
-        batch = np.stack([next(batches) for _ in range(k)], axis=1)
-        state_r, metrics = p_step(state_r, parallel.shard(batch), train_key)
-        step += k
-        if pending is not None:  # read the previous dispatch's metrics while this one runs
-          bad_streak = _report(pending, writer, progress, t, bad_streak, mngr, rate)
-        pending = (step, metrics)
-        minutes = (time.time() - last_save_time) / 60
-        due = step % t.checkpoint_every_steps == 0 or (
-            t.checkpoint_every_minutes and minutes > t.checkpoint_every_minutes)
-        if due or step >= t.num_train_steps:
-          save(step)
-          last_save_time = time.time()
-        if grid_sampler is not None and step % t.sample_every_steps == 0:
-          grid = grid_sampler.grid(parallel.unreplicate(state_r.ema_params), num=16)
-          writer.image(step, "samples/ema", grid)
-          images.save_png(os.path.join(workdir, "samples", "during_training", f"step{step}.png"),
-                          grid)
-        if val_loss is not None and step % t.eval_every_steps == 0:
-          vl = val_loss(parallel.unreplicate(state_r.ema_params))
-          writer.scalars(step, {f"val/loss_{k}": v for k, v in vl.items()})
-      if pending is not None:
-        _report(pending, writer, progress, t, bad_streak, mngr, rate)
-      if stop and mngr.latest_step() != step:
+  source = input_pipeline.get_source(config, config.data.train_split)
+  batches = input_pipeline.TrainBatches(
+      source, t.batch_size, seed=t.seed, start_step=step, random_flip=config.data.random_flip,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      local_devices=jax.local_device_count(), num_workers=config.data.num_workers,
+      with_labels=model.num_classes > 0)
+  p_step = make_p_train_step(config, model, schedule, tx)
+  state_r = parallel.replicate(state)
+  writer = run_utils.MetricWriter(workdir, enabled=is_main)
+  bar = progress.Progress(t.num_train_steps, "train", "step", initial=step,
+                          log_every=t.log_every_steps, per_unit=(t.batch_size, "img"))
+  grid_sampler = generate.Sampler(config, model, schedule) if t.sample_every_steps else None
+  val_loss = None
+  if t.get("eval_every_steps", 0):
+    val_loss = validation.ValidationLoss(
+        config, model, schedule, input_pipeline.get_source(config, config.data.eval_split),
+        config.eval.num_examples, config.eval.batch_size)
+
+  def save(at_step):
+    host = parallel.unreplicate(state_r)
+    if not all(np.isfinite(x).all() for x in jax.tree.leaves(host.params)):
+      logging.error("parameters at step %d are not finite: not saved", at_step)
+      return
+    ckpt_lib.save(mngr, at_step, host, config, force=True)
+    loop.last_save_step, loop.last_save_time = at_step, time.time()
+    writer.flush()  # remote logs: lines before a checkpoint are never lost
+
+  k = t.steps_per_dispatch
+  loop, pending, agreed = _Loop(step), None, {"stop": False, "save": False}
+  try:
+    while step < t.num_train_steps and not agreed["stop"]:
+      batch = jax.tree.map(lambda *b: np.stack(b, axis=1), *[next(batches) for _ in range(k)])
+      minutes = (time.time() - loop.last_save_time) / 60
+      requests = parallel.requests_array(
+          stop=bool(stop), save=bool(t.checkpoint_every_minutes)
+          and minutes > t.checkpoint_every_minutes)
+      state_r, metrics, agreed_r = p_step(state_r, jax.tree.map(parallel.shard, batch),
+                                          train_key, requests)
+      step += k
+      agreed = {"stop": False, "save": False}
+      if pending is not None:  # the previous dispatch's metrics and agreed requests
+        agreed = _report(pending, writer, bar, config, loop, mngr)
+      pending = (step, metrics, agreed_r, loop.last_save_step)
+      if (step % t.checkpoint_every_steps == 0 or step >= t.num_train_steps
+          or agreed["save"] or agreed["stop"]):
         save(step)
-    finally:
-      mngr.wait_until_finished()
-      batches.close()
-      progress.close()
-      writer.close()
-    if stop:
-      logging.warning("stopped by %s at step %d; the same command resumes", stop.signal, step)
-    return parallel.unreplicate(state_r)
+      if is_main:
+        lock.refresh()
+      if grid_sampler is not None and step % t.sample_every_steps == 0:
+        grid = grid_sampler.grid(parallel.unreplicate(state_r.ema_params), num=16)
+        if is_main:
+          writer.image(step, "samples/ema", grid)
+          images.save_png(fs.join(workdir, "samples", "during_training", f"step{step}.png"),
+                          grid)
+      if val_loss is not None and step % t.eval_every_steps == 0:
+        vl = val_loss(parallel.unreplicate(state_r.ema_params))
+        writer.scalars(step, {f"val/loss_{name}": v for name, v in vl.items()})
+    if pending is not None:
+      _report(pending, writer, bar, config, loop, mngr)
+    if agreed["stop"] and mngr.latest_step() != step:
+      save(step)
+  finally:
+    mngr.wait_until_finished()
+    batches.close()
+    bar.close()
+    writer.close()
+  if agreed["stop"]:
+    who = stop.signal or "a stop signal to another process of this job"
+    logging.warning("stopped by %s at step %d (checkpoint saved); the same command resumes",
+                    who, step)
+  return parallel.unreplicate(state_r)
 
 
-class DivergenceError(RuntimeError):
-  pass
+def _report(pending, writer, bar, config, loop: _Loop, mngr) -> dict:
+  """Logs one dispatch's metrics and returns the requests all processes agreed on with it.
 
-
-def _report(pending, writer, progress, t, bad_streak, mngr, rate):
-  """Logs one dispatch's metrics; returns the updated count of consecutive skipped steps."""
-  import time
-  step, metrics = pending
-  m = summarize_metrics(metrics)
-  bad_streak = bad_streak + m["skipped"] if m["last_skipped"] else 0
-  if step % t.log_every_steps < t.steps_per_dispatch or step >= t.num_train_steps or bad_streak:
+  A save request made before the latest save is dropped (that save answered it).
+  """
+  t = config.training
+  step, metrics, agreed_r, last_save_at_dispatch = pending
+  agreed = parallel.read_agreed(agreed_r)
+  agreed["save"] = agreed["save"] and last_save_at_dispatch == loop.last_save_step
+  m = summarize_metrics(metrics, config.diffusion.num_timesteps)
+  loop.bad_streak = loop.bad_streak + m["skipped"] if m["last_skipped"] else 0
+  if (step % t.log_every_steps < t.steps_per_dispatch or step >= t.num_train_steps
+      or loop.bad_streak):
     now = time.time()
-    m["steps_per_s"] = (step - rate["step"]) / max(now - rate["time"], 1e-9)
+    m["steps_per_s"] = (step - loop.rate_step) / max(now - loop.rate_time, 1e-9)
     m["images_per_s"] = m["steps_per_s"] * t.batch_size
-    rate.update(time=now, step=step)
+    loop.rate_time, loop.rate_step = now, step
     m.pop("last_skipped")
     writer.scalars(step, m)
-  if bad_streak >= t.max_bad_steps:
+  if loop.bad_streak >= t.max_bad_steps:
     raise DivergenceError(
-        f"training diverged: {bad_streak} consecutive steps with non-finite loss or gradients "
-        f"up to step {step}; the last good checkpoint is step {mngr.latest_step()}. Lower "
-        f"--config.optim.learning_rate or check the data, then rerun to resume from it.")
-  progress.update(step, t.steps_per_dispatch, {"loss": f"{m['loss']:.4f}"})
-  return bad_streak
+        f"training diverged: {loop.bad_streak} consecutive steps with non-finite loss or "
+        f"gradients up to step {step}; the last good checkpoint is step {mngr.latest_step()}. "
+        f"Lower --config.optim.learning_rate or check the data, then rerun to resume from it.")
+  bar.update(t.steps_per_dispatch, {"loss": f"{m['loss']:.4f}"})
+  return agreed
+

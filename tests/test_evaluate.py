@@ -66,11 +66,12 @@ def test_bits_per_dim_falls_as_training_goes_on(config):
   (8x8 images and T=100 keep it quick; such a loose bound stays above 8 bits/dim here.
   The reference run in docs/results.md shows real faces well below 8.)"""
   from ddpm_jax import input_pipeline, models, train
+  from ddpm_jax import state as state_lib
   config.training.batch_size = 16
   model = models.create_model(config)
   s = diffusion.make_schedule("linear", config.diffusion.num_timesteps)
-  tx = train.make_optimizer(config)
-  state = train.create_train_state(config, model, tx, jax.random.key(0))
+  tx = state_lib.make_optimizer(config)
+  state = state_lib.create_train_state(config, model, tx, jax.random.key(0))
   step = jax.jit(train.make_train_step(config, model, s, tx, axis_name=None))
   batches = input_pipeline.TrainBatches(input_pipeline.get_source(config, "train"), 16, seed=0)
   held = jnp.asarray(next(input_pipeline.eval_batches(

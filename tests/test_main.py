@@ -147,12 +147,13 @@ def _final_params(workdir):
   import jax
 
   from ddpm_jax import checkpoint as ckpt_lib
-  from ddpm_jax import models, train
+  from ddpm_jax import models
+  from ddpm_jax import state as state_lib
   from tests.conftest import tiny_config
   mngr = ckpt_lib.make_manager(str(workdir), read_only=True, async_save=False)
   config = tiny_config()
-  model, tx = models.create_model(config), train.make_optimizer(config)
-  template = jax.eval_shape(lambda: train.create_train_state(config, model, tx,
+  model, tx = models.create_model(config), state_lib.make_optimizer(config)
+  template = jax.eval_shape(lambda: state_lib.create_train_state(config, model, tx,
                                                              jax.random.key(0)))
   return mngr.latest_step(), ckpt_lib.restore(mngr, template)
 

@@ -9,14 +9,15 @@ import pytest
 
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import diffusion, models, parallel, train
+from ddpm_jax import state as state_lib
 from tests.conftest import tiny_config
 
 
 def setup(config):
   model = models.create_model(config)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  tx = train.make_optimizer(config)
-  state = train.create_train_state(config, model, tx, jax.random.key(0))
+  tx = state_lib.make_optimizer(config)
+  state = state_lib.create_train_state(config, model, tx, jax.random.key(0))
   return model, schedule, tx, state
 
 
@@ -35,7 +36,9 @@ def test_four_devices_equal_one_device_on_the_same_global_batch():
   p_step = train.make_p_train_step(config, model, schedule, tx)
   sr = parallel.replicate(state)
   for seed in (0, 1):
-    sr, m4 = p_step(sr, parallel.shard(batch(8, seed=seed).reshape(4, 1, 2, 8, 8, 3)), key)
+    sr, m4, agreed = p_step(sr, parallel.shard(batch(8, seed=seed).reshape(4, 1, 2, 8, 8, 3)),
+                            key, parallel.requests_array(save=seed == 1))
+    assert parallel.read_agreed(agreed) == {"stop": False, "save": seed == 1}
   s4 = parallel.unreplicate(sr)
   np.testing.assert_allclose(float(m4["loss"][0, 0]), float(m1["loss"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(s4.params), jax.tree.leaves(s1.params)):
@@ -75,7 +78,7 @@ def test_non_finite_step_is_skipped_and_counted():
 def test_ema_follows_the_warmup_formula():
   config = tiny_config(**{"training.ema_decay": 0.999, "training.ema_warmup": True})
   for n, want in ((0, 0.1), (10, 11 / 20), (100000, 0.999)):
-    np.testing.assert_allclose(float(train.ema_decay_at(jnp.int32(n), config)), want, rtol=1e-6)
+    np.testing.assert_allclose(float(state_lib.ema_decay_at(jnp.int32(n), config)), want, rtol=1e-6)
 
 
 def test_checkpoint_save_restore_is_identical(tmp_path):

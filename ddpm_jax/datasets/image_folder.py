@@ -18,14 +18,12 @@ import hashlib
 import os
 import zipfile
 
-import numpy as np
 from absl import logging
-from PIL import Image, ImageFile
 
-from ddpm_jax.datasets import DatasetError
-
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # allow big photos; bombs beyond are skipped
+from ddpm_jax import fs, images
+from ddpm_jax.datasets.tf import tfds_module
+from ddpm_jax.errors import DatasetError
+from ddpm_jax.images import EXTENSIONS
 
 ANIME_INSTRUCTIONS = """\
 Download the Kaggle "another anime face dataset" (scribbless/another-anime-face-dataset,
@@ -51,44 +49,15 @@ def is_test(relpath: str, test_percent: float) -> bool:
   return (h % 10000) < test_percent * 100
 
 
-def load_rgb(path: str, size: int) -> np.ndarray:
-  """Decodes any supported image to uint8 RGB (size, size, 3); raises on a bad file."""
-  from ddpm_jax.input_pipeline import center_crop_resize
-  ImageFile.LOAD_TRUNCATED_IMAGES = False
-  with Image.open(path) as im:
-    if im.format == "JPEG":
-      im.draft("RGB", (size * 2, size * 2))  # decode big JPEGs at reduced scale
-    im.load()
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-      arr = np.asarray(im, np.float64)
-      arr = arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0
-      im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P":
-      im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA"):
-      bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-      im = Image.alpha_composite(bg, im.convert("RGBA"))
-    im = im.convert("RGB")
-    arr = np.asarray(im)
-  if arr.ndim != 3 or min(arr.shape[:2]) < 1:
-    raise ValueError(f"unexpected image shape {arr.shape}")
-  return center_crop_resize(arr, size)
-
-
 def _try_load(folder, rel, size):
   try:
-    return rel, load_rgb(os.path.join(folder, rel), size), None
+    return rel, images.load_rgb(os.path.join(folder, rel), size), None
   except Exception as e:  # corrupt, truncated, empty, not an image, too big
     return rel, None, f"{type(e).__name__}: {e}"
 
 
-def _tfds():
-  from ddpm_jax.datasets import _tfds as get
-  return get()
-
-
 def _builder_classes():
-  tfds = _tfds()
+  tfds = tfds_module()
 
   @dataclasses.dataclass
   class FolderConfig(tfds.core.BuilderConfig):
@@ -175,30 +144,38 @@ def find_anime_folder(manual_dir: str) -> str:
   raise DatasetError(f"no anime-face images or zip in {manual_dir!r}.\n" + ANIME_INSTRUCTIONS)
 
 
-def prepared_builder(config):
-  """Prepares (once) and returns the builder for an ``image_folder`` or ``anime_faces`` config."""
-  from ddpm_jax.datasets import data_dir
-  tfds = _tfds()
+def _local_folder(path: str, what: str) -> str:
+  if fs.is_remote(path):
+    raise DatasetError(f"{what}={path!r}: source images are read from a local folder; copy "
+                       f"them to this machine first (e.g. gsutil -m cp -r {path} DIR) and pass "
+                       f"DIR. Prepared records may live in a gs:// data.data_dir.")
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def make_builder(config, root: str):
+  """(builder on data_dir ``root``, prepare()) for an ``image_folder``/``anime_faces`` config."""
+  tfds = tfds_module()
   FolderConfig, ImageFolderImages, AnimeFaces = _builder_classes()
   d = config.data
   size = d.image_size
   if d.dataset.startswith("anime_faces"):
-    manual = d.manual_dir or os.path.join(data_dir(config), "downloads", "manual")
+    manual = _local_folder(d.manual_dir, "data.manual_dir") if d.manual_dir else (
+        os.path.join(root, "downloads", "manual"))
     cfg = FolderConfig(name=f"{size}px", folder="", image_size=size)
-    builder = AnimeFaces(config=cfg, data_dir=data_dir(config), file_format="array_record")
-    if not builder.is_prepared():
+    builder = AnimeFaces(config=cfg, data_dir=root, file_format="array_record")
+
+    def prepare():
       find_anime_folder(manual)  # a clear error before TFDS starts
       builder.download_and_prepare(file_format="array_record", download_config=
                                    tfds.download.DownloadConfig(manual_dir=manual))
-    return builder
+    return builder, prepare
   if not d.folder:
     raise DatasetError("data.dataset=image_folder needs --config.data.folder=PATH")
-  folder = os.path.abspath(os.path.expanduser(d.folder))
+  folder = _local_folder(d.folder, "data.folder")
   if not os.path.isdir(folder):
     raise DatasetError(f"image folder {folder!r} does not exist")
   tag = hashlib.md5(folder.encode()).hexdigest()[:10]
   cfg = FolderConfig(name=f"{size}px_{tag}", folder=folder, image_size=size,
                      description=f"images of {folder}")
-  builder = ImageFolderImages(config=cfg, data_dir=data_dir(config), file_format="array_record")
-  builder.download_and_prepare(file_format="array_record")
-  return builder
+  builder = ImageFolderImages(config=cfg, data_dir=root, file_format="array_record")
+  return builder, lambda: builder.download_and_prepare(file_format="array_record")

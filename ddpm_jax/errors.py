@@ -1,0 +1,33 @@
+"""Errors a user can fix: ``main.py`` turns every ``UserError`` into one line, no traceback."""
+
+
+class UserError(Exception):
+  """A problem with the user's config, data, workdir or files; the message says what to do."""
+
+
+class ConfigError(UserError, ValueError):
+  """An unusable config; the message names the field and the fix."""
+
+
+class DatasetError(UserError, ValueError):
+  """A dataset that cannot be used as configured."""
+
+
+class NoCheckpointError(UserError, FileNotFoundError):
+  """The workdir has no (usable) checkpoint."""
+
+
+class WorkdirLocked(UserError, RuntimeError):
+  """Another trainer holds the workdir."""
+
+
+class WeightsError(UserError, ValueError):
+  """The Inception weights file is missing, corrupt or not the expected one."""
+
+
+class InputError(UserError, ValueError):
+  """Input images or masks for a generation mode cannot be used."""
+
+
+class DivergenceError(UserError, RuntimeError):
+  """Training produced non-finite steps ``training.max_bad_steps`` times in a row."""

@@ -1,0 +1,136 @@
+"""Rehearse a multi-host job on one machine: N processes of ``main.py`` as a pod would run them.
+
+  python -m ddpm_jax.launch --processes 2 --devices-per-process 2 -- \\
+      --config configs/tiny.py --workdir runs/pod
+
+Each process gets ``--devices-per-process`` CPU devices, the coordinator address
+(127.0.0.1 on a free port), its process id and gloo CPU collectives, exactly what
+``jax.distributed.initialize`` receives on a Cloud TPU pod from the TPU environment.
+Output lines are prefixed with ``[pN]``; each process's pid is printed at the start
+(``launch: process N pid P``) so one process can be signalled alone. SIGINT/SIGTERM
+to the launcher go to every process. The launcher exits non-zero if any process
+does; processes still running ``--grace`` seconds after another failed are killed
+(they should have stopped on their own: see ``ddpm_jax.parallel``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+MAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main.py")
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def process_env(i: int, n: int, port: int, devices: int | None, base=None) -> dict:
+  """The environment of process ``i`` of ``n``."""
+  env = dict(os.environ if base is None else base)
+  env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
+             JAX_PROCESS_ID=str(i), PYTHONUNBUFFERED="1")
+  if devices:
+    flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                     if "xla_force_host_platform_device_count" not in f)
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+  return env
+
+
+def _die_with_parent() -> None:
+  """Linux: a process of the job is killed if the launcher dies (no orphans holding ports)."""
+  try:
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+
+
+def _pump(stream, prefix: str, out) -> None:
+  for line in iter(stream.readline, ""):
+    out.write(f"{prefix}{line}")
+    out.flush()
+  stream.close()
+
+
+def launch(args: list[str], processes: int, devices_per_process: int | None = None,
+           port: int | None = None, grace_s: float = 150.0, script: str = MAIN) -> int:
+  """Runs ``script args`` as ``processes`` processes; returns the job's exit status."""
+  port = port or free_port()
+  procs, pumps = [], []
+  for i in range(processes):
+    p = subprocess.Popen([sys.executable, script, *args],
+                         env=process_env(i, processes, port, devices_per_process),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, preexec_fn=_die_with_parent)
+    print(f"launch: process {i} pid {p.pid}", flush=True)
+    procs.append(p)
+    for stream, out in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
+      th = threading.Thread(target=_pump, args=(stream, f"[p{i}] ", out), daemon=True)
+      th.start()
+      pumps.append(th)
+
+  def forward(signum, frame):
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signum)
+  old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    failed_at = None
+    while any(p.poll() is None for p in procs):
+      if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+        failed_at = time.time()
+      if failed_at is not None and time.time() - failed_at > grace_s:
+        for i, p in enumerate(procs):
+          if p.poll() is None:
+            print(f"launch: process {i} still running {grace_s:.0f} s after another failed: "
+                  f"killing it", file=sys.stderr, flush=True)
+            p.kill()
+      time.sleep(0.1)
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+  for th in pumps:
+    th.join(timeout=5)
+  codes = [p.returncode for p in procs]
+  for i, c in enumerate(codes):
+    if c:
+      what = f"signal {signal.Signals(-c).name}" if c < 0 else f"status {c}"
+      print(f"launch: process {i} exited with {what}", file=sys.stderr, flush=True)
+  return next((1 if c < 0 else c for c in codes if c), 0)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m ddpm_jax.launch", description=__doc__.split("\n\n")[0],
+      usage="%(prog)s [-h] --processes N [--devices-per-process D] -- MAIN_PY_ARGS...")
+  parser.add_argument("--processes", "-n", type=int, required=True, help="processes to start")
+  parser.add_argument("--devices-per-process", type=int, default=None,
+                      help="CPU devices per process (rehearsal on CPU); unset: the platform's")
+  parser.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
+  parser.add_argument("--grace", type=float, default=150.0,
+                      help="seconds survivors get to stop after a process failed")
+  argv = sys.argv[1:] if argv is None else argv
+  if "--" in argv:
+    split = argv.index("--")
+    ours, rest = argv[:split], argv[split + 1:]
+  else:
+    ours, rest = argv, []
+  a = parser.parse_args(ours)
+  if a.processes < 1:
+    parser.error("--processes must be >= 1")
+  return launch(rest, a.processes, a.devices_per_process, a.port, a.grace)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
