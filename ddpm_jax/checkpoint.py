@@ -64,6 +64,25 @@ def _set_aside(workdir: str, step: int) -> str:
   return dst
 
 
+def _quiet_closed_loop_callbacks() -> None:
+  """After a failed read, tensorstore's callbacks for the other reads of that restore reach
+  orbax's closed event loop, and each prints a traceback ("Event loop is closed", through
+  sys.unraisablehook): dozens of them, burying the one real cause. Those, and only those,
+  are dropped."""
+  import sys
+  hook = sys.unraisablehook
+  if getattr(hook, "_ddpm_jax", False):
+    return
+
+  def quiet(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    hook(unraisable)
+  quiet._ddpm_jax = True
+  sys.unraisablehook = quiet
+
+
 def restore_newest(manager: ocp.CheckpointManager, workdir: str, template,
                    steps: list[int] | None = None):
   """(state, step) of the newest checkpoint that restores; (None, None) if there is none.
@@ -73,6 +92,7 @@ def restore_newest(manager: ocp.CheckpointManager, workdir: str, template,
   ``steps`` limits the candidates.
   """
   candidates = sorted(manager.all_steps() if steps is None else steps, reverse=True)
+  _quiet_closed_loop_callbacks()
   for step in candidates:
     try:
       return restore(manager, template, step), step

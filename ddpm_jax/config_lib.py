@@ -41,6 +41,10 @@ def validate(config, num_devices: int = 1) -> None:
                       f"{diffusion.SCHEDULES}")
   if config.diffusion.num_timesteps < 2:
     raise ConfigError("diffusion.num_timesteps must be at least 2")
+  try:
+    diffusion.named_betas(config.diffusion.schedule, config.diffusion.num_timesteps)
+  except ValueError as e:
+    raise ConfigError(f"diffusion.num_timesteps={config.diffusion.num_timesteps}: {e}") from None
   if t.batch_size <= 0 or t.batch_size % num_devices:
     raise ConfigError(f"training.batch_size={t.batch_size} is not divisible by the {num_devices} "
                       f"devices; use a multiple of {num_devices}")

@@ -64,7 +64,12 @@ def named_betas(name: str, num_timesteps: int) -> np.ndarray:
   if num_timesteps < 1:
     raise ValueError(f"num_timesteps must be positive, got {num_timesteps}")
   if name == "linear":
-    return linear_betas(num_timesteps)
+    betas = linear_betas(num_timesteps)
+    if betas.max() >= 1.0:
+      raise ValueError(f"the linear schedule needs num_timesteps > 20 (its betas are rescaled "
+                       f"by 1000/T and would reach {betas.max():.2f} >= 1); use more steps or "
+                       f"the cosine schedule")
+    return betas
   if name == "cosine":
     return cosine_betas(num_timesteps)
   raise ValueError(f"unknown noise schedule {name!r}; choose one of {SCHEDULES}")

@@ -111,8 +111,9 @@ def eps_fn_for(config, model, schedule):
   return lambda p: generate.make_eps_fn(config, model, schedule, p)
 
 
-def checkpoint_steps(workdir: str, which) -> list[int]:
-  """The checkpoint steps named by ``eval.checkpoints``: latest, all, or "1000,2000"."""
+def checkpoint_steps(workdir: str, which) -> list[int | None]:
+  """The checkpoint steps named by ``eval.checkpoints``: latest ([None]: the newest one that
+  reads), all, or "1000,2000"."""
   mngr = ckpt_lib.make_manager(workdir, read_only=True, async_save=False)
   have = sorted(mngr.all_steps())
   if not have:
@@ -121,7 +122,7 @@ def checkpoint_steps(workdir: str, which) -> list[int]:
         f"`python main.py --config CONFIG --workdir {workdir}`")
   which = str(which or "latest").strip()
   if which == "latest":
-    return have[-1:]
+    return [None]
   if which == "all":
     return have
   try:
@@ -332,8 +333,13 @@ def evaluate(config, workdir: str) -> list[dict]:
   writer = run_utils.MetricWriter(workdir, enabled=parallel.is_main(), name="eval")
   reports = []
   try:
-    for step in steps:
-      params, _ = generate.load_params(config, workdir, step)
+    for want in steps:
+      try:
+        params, step = generate.load_params(config, workdir, want)
+      except NoCheckpointError:
+        if want is None:
+          raise
+        continue  # an unreadable one of several: set aside, with a warning
       # The bound reuses the held-out batches ValidationLoss holds.
       report = bound_report(config, schedule, term, params, val_loss.batches, step)
       report["val_loss_per_t_bucket"] = {n: v for n, v in val_loss(params).items() if n != "all"}

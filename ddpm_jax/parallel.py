@@ -75,8 +75,10 @@ def unreplicate(tree):
   Copies that device's buffer: indexing the array (``x[0]``) would run an XLA
   computation over the local devices, whose collectives deadlocked with gloo when
   another process was in a different collective (seen with 2 devices per process).
+  The copy is a real one: on CPU ``np.asarray`` may alias the device buffer, which the
+  next (donating) train step overwrites while an async checkpoint still writes it.
   """
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+  return jax.tree.map(lambda x: np.array(x.addressable_data(0), copy=True)[0], tree)
 
 
 def shard(batch: np.ndarray):

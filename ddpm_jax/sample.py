@@ -29,7 +29,7 @@ def sample_and_save(config, workdir: str) -> str:
   Returns the output folder.
   """
   s = config.sampling
-  params, model, schedule, out_dir = _setup(config, workdir, "")
+  params, model, schedule, out_dir, step = _setup(config, workdir, "")
   gif_sampler = Sampler(config, model, schedule, num_frames=s.num_frames) if s.num_frames else None
   x, frames = generate(config, Sampler(config, model, schedule), params, s.num_samples,
                        first_sampler=gif_sampler)
@@ -40,6 +40,7 @@ def sample_and_save(config, workdir: str) -> str:
     for i, img in enumerate(u8):
       images.save_png(fs.join(out_dir, "images", f"{i:05d}.png"), img)
     fs.save_npz(fs.join(out_dir, "samples.npz"), images=u8, samples=x)
+    fs.write_json(fs.join(out_dir, "sampling.json"), settings_report(config, schedule, step))
     if frames is not None:
       n = min(len(u8), 16, frames.shape[2])
       for which, name in ((0, "denoise.gif"), (1, "denoise_x0.gif")):
@@ -56,7 +57,17 @@ def _setup(config, workdir, what):
   model = models.create_model(config)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   name = config.sampling.name or "_".join(filter(None, [what, default_name(config, step)]))
-  return params, model, schedule, fs.join(fs.normalize(workdir), "samples", name)
+  return params, model, schedule, fs.join(fs.normalize(workdir), "samples", name), step
+
+
+def settings_report(config, schedule, step: int) -> dict:
+  """What produced a folder of samples: checkpoint step, sampler, the timesteps it used."""
+  s = config.sampling
+  return {"checkpoint_step": int(step), "sampler": s.sampler, "num_steps": int(s.num_steps),
+          "spacing": sampling.resolve_spacing(s.sampler, s.spacing), "eta": float(s.eta),
+          "clip_x0": bool(s.clip_x0), "seed": int(s.seed), "use_ema": bool(s.use_ema),
+          "timesteps": sampling.timesteps_used(s.sampler, schedule, s.num_steps,
+                                               s.spacing).tolist()}
 
 
 def interpolate_and_save(config, workdir: str, num_pairs: int = 4, num_points: int = 9) -> str:
@@ -66,7 +77,7 @@ def interpolate_and_save(config, workdir: str, num_pairs: int = 4, num_points: i
   and interpolation.gif (the rows moving from A to B and back).
   """
   config.sampling.eta = 0.0
-  params, model, schedule, out_dir = _setup(config, workdir, "interpolate")
+  params, model, schedule, out_dir, _ = _setup(config, workdir, "interpolate")
   sampler = Sampler(config, model, schedule)
   seed = config.sampling.seed
   a = sampler.noise(seed, np.arange(num_pairs))
@@ -96,7 +107,7 @@ def reconstruct_and_save(config, workdir: str) -> str:
   """
   config.sampling.eta = 0.0
   config.sampling.sampler = "ddim"
-  params, model, schedule, out_dir = _setup(config, workdir, "reconstruct")
+  params, model, schedule, out_dir, _ = _setup(config, workdir, "reconstruct")
   source = input_pipeline.get_source(config, config.data.eval_split)
   x0 = np.concatenate(list(input_pipeline.eval_batches(source, 64, config.sampling.num_samples)))
   sampler = Sampler(config, model, schedule)

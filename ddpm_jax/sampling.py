@@ -107,6 +107,17 @@ def _pred_x0_eps(eps_fn, schedule, x, t, clip_x0):
   return x0, eps
 
 
+def ddpm_log_variance(schedule: diffusion.Schedule, variance: str) -> jax.Array:
+  """log of the variance DDPM's step t adds: "small" the posterior variance beta-tilde_t
+  (clipped at t=0 as in Ho et al.'s code), "large" beta_t (with beta-tilde at t=0, where
+  the step adds no noise anyway)."""
+  if variance == "small":
+    return schedule.posterior_log_variance_clipped
+  if variance == "large":
+    return jnp.log(jnp.append(schedule.posterior_variance[1], schedule.betas[1:]))
+  raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
+
+
 @functools.partial(jax.jit, static_argnames=("eps_fn", "variance", "clip_x0", "num_frames"))
 def ddpm_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.Array, key: jax.Array,
                 variance: str = "small", clip_x0: bool = False, num_frames: int = 0):
@@ -125,13 +136,8 @@ def ddpm_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.Array, key
   Returns:
     x_0, or (x_0, frames) when num_frames > 0.
   """
-  if variance not in ("small", "large"):
-    raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
   T = schedule.num_timesteps
-  if variance == "small":
-    log_var_table = schedule.posterior_log_variance_clipped
-  else:  # Ho et al. use beta_t, with beta-tilde_1 at t=0 so the last step is not too noisy
-    log_var_table = jnp.log(jnp.append(schedule.posterior_variance[1], schedule.betas[1:]))
+  log_var_table = ddpm_log_variance(schedule, variance)
 
   def step(x, t):
     x0, _ = _pred_x0_eps(eps_fn, schedule, x, t, clip_x0)
@@ -276,6 +282,16 @@ def resolve_spacing(sampler: str, spacing: str) -> str:
   if spacing == AUTO_SPACING:
     return "logsnr" if sampler.startswith("dpm") else "uniform"
   return spacing
+
+
+def timesteps_used(sampler: str, schedule: diffusion.Schedule, num_steps: int,
+                   spacing: str = AUTO_SPACING) -> np.ndarray:
+  """The timesteps at which ``sample(sampler, ...)`` calls the model, in order."""
+  T = schedule.num_timesteps
+  if sampler == "ddpm":
+    return np.arange(T - 1, -1, -1, dtype=np.int32)
+  return timestep_sequence(T, num_steps, resolve_spacing(sampler, spacing),
+                           schedule.alphas_cumprod_np())
 
 
 def sample(sampler: str, eps_fn: EpsFn, schedule: diffusion.Schedule, x_T, key, *,

@@ -42,6 +42,17 @@ def _global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def step_keys(key, step, device):
+  """(key of the step's examples, this device's dropout key).
+
+  Examples then fold in their global index, so the same global batch draws the same t and
+  noise on 1 device or many; dropout masks differ per device (a device's activations are
+  its own examples').
+  """
+  example_key, dropout_key = jax.random.split(jax.random.fold_in(key, step))
+  return example_key, jax.random.fold_in(dropout_key, device)
+
+
 def make_train_step(config, model, schedule: diffusion.Schedule, tx,
                     axis_name: str | None = parallel.AXIS):
   """Builds ``train_step(state, batch, key) -> (state, metrics)``.
@@ -61,11 +72,9 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
   def train_step(state: TrainState, batch, key):
     x0, labels = ((batch["image"], batch.get("label")) if isinstance(batch, dict)
                   else (batch, None))
-    # Per-example t and noise come from (key, step, global example index), so the same
-    # global batch gets the same draws on 1 device or many; dropout is per device.
-    key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
     B = x0.shape[0]
     device = jax.lax.axis_index(axis_name) if axis_name is not None else 0
+    key, dropout_key = step_keys(key, state.step, device)
     example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(device * B + jnp.arange(B))
     t = jax.vmap(lambda k: jax.random.randint(k, (), 0, T, dtype=jnp.int32))(
         jax.vmap(lambda k: jax.random.fold_in(k, 0))(example_keys))
@@ -78,7 +87,6 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
       labels = jnp.where(drop, model.num_classes, labels)
     else:
       labels = None
-    dropout_key = jax.random.fold_in(dropout_key, device)
 
     def loss_fn(params):
       model_fn = lambda x, tt: models.apply(model, params, x, tt, labels,  # noqa: E731

@@ -11,8 +11,8 @@ from tests.conftest import REPO
 
 
 def env(**extra) -> dict:
+  """The test session's environment (4 forced CPU devices, its compilation cache) + extra."""
   e = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
-  e.pop("XLA_FLAGS", None)  # each process gets its own device count
   e.update(extra)
   return e
 
@@ -73,6 +73,7 @@ def main_py(*args, cwd, extra_env=None) -> Job:
 
 
 def launch(processes: int, devices: int, *args, cwd, extra_env=None) -> Job:
+  """The launcher; it gives each process ``devices`` CPU devices (replacing the 4 forced here)."""
   return Job([sys.executable, "-m", "ddpm_jax.launch", "--processes", str(processes),
               "--devices-per-process", str(devices), "--", *args], cwd, extra_env)
 

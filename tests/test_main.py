@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,10 +30,26 @@ def tiny_flags(data_dir, *extra):
           f"--config.data.data_dir={data_dir}", *extra]
 
 
+OUR_FILES = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ (\S+\.py):\d+\]")
+
+
+def library_info_lines(stderr: str) -> list[str]:
+  """absl INFO lines that did not come from ddpm_jax or main.py."""
+  ours = {os.path.basename(p) for p in os.listdir(os.path.join(REPO, "ddpm_jax"))} | {"main.py"}
+  return [line for line in stderr.splitlines()
+          if (m := OUR_FILES.match(line)) and line[0] == "I" and m.group(1) not in ours]
+
+
 def test_train_then_bare_sample_as_on_the_design_card(tmp_path, data_dir):
   """`main.py --config ... --workdir runs/` then a bare `main.py --mode=sample`."""
-  run_main(*tiny_flags(data_dir, "--config.training.sample_every_steps=2",
-                       "--config.training.eval_every_steps=2"), "--workdir", "runs/", cwd=tmp_path)
+  train = run_main(*tiny_flags(data_dir, "--config.training.sample_every_steps=2",
+                               "--config.training.eval_every_steps=2"), "--workdir", "runs/",
+                   cwd=tmp_path)
+  # The console: our progress lines, no library INFO chatter (orbax's checkpoint internals).
+  assert [x.split(" | ")[0] for x in train.stdout.splitlines() if x.startswith("train:")] == [
+      f"train: step {i}/4" for i in range(1, 5)]
+  assert not library_info_lines(train.stderr), library_info_lines(train.stderr)[:5]
+  assert OUR_FILES.match("I1126 12:39:29.349471 139840069225344 main.py:74] JAX")
   ckpts = sorted(os.listdir(tmp_path / "runs" / "checkpoints"))
   assert "4" in ckpts
   lines = [json.loads(x) for x in open(tmp_path / "runs" / "metrics.jsonl")]
@@ -59,9 +76,17 @@ def test_train_then_bare_sample_as_on_the_design_card(tmp_path, data_dir):
   again_dir = again.stdout.strip().splitlines()[-1]
   np.testing.assert_array_equal(np.load(os.path.join(again_dir, "samples.npz"))["images"],
                                 data["images"])
+  # README's DPM-Solver++ example samples on log-SNR-spaced timesteps (spacing "auto").
   other = run_main("--mode=sample", "--config.sampling.sampler=dpm_solver++",
-                   "--config.sampling.num_frames=0", cwd=tmp_path).stdout.strip().splitlines()[-1]
-  assert "dpm_solver++5" in other and not os.path.exists(os.path.join(other, "denoise.gif"))
+                   "--config.sampling.num_steps=20", "--config.sampling.num_frames=0",
+                   cwd=tmp_path).stdout.strip().splitlines()[-1]
+  assert "dpm_solver++20" in other and not os.path.exists(os.path.join(other, "denoise.gif"))
+  used = json.load(open(os.path.join(other, "sampling.json")))
+  from ddpm_jax import diffusion, sampling
+  schedule = diffusion.make_schedule("linear", 100)
+  assert used["spacing"] == "logsnr" and used["timesteps"] == sampling.timestep_sequence(
+      100, 20, "logsnr", schedule.alphas_cumprod_np()).tolist()
+  assert used["timesteps"] != sampling.timestep_sequence(100, 20, "uniform").tolist()
 
   interp = run_main("--mode=interpolate", cwd=tmp_path).stdout.strip().splitlines()[-1]
   strip = Image.open(os.path.join(interp, "strip.png"))
@@ -143,48 +168,76 @@ def test_signal_saves_and_exits_zero_and_a_restart_resumes(tmp_path, data_dir, s
   assert f"resumed from step {saved[0]}" in resumed.stderr
 
 
-def _final_params(workdir):
-  import jax
-
-  from ddpm_jax import checkpoint as ckpt_lib
-  from ddpm_jax import models
-  from ddpm_jax import state as state_lib
-  from tests.conftest import tiny_config
-  mngr = ckpt_lib.make_manager(str(workdir), read_only=True, async_save=False)
-  config = tiny_config()
-  model, tx = models.create_model(config), state_lib.make_optimizer(config)
-  template = jax.eval_shape(lambda: state_lib.create_train_state(config, model, tx,
-                                                             jax.random.key(0)))
-  return mngr.latest_step(), ckpt_lib.restore(mngr, template)
+def _checkpoints(workdir) -> list[int]:
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
 def test_sigkill_at_random_moments_then_restart_is_bitwise_exact(tmp_path, data_dir):
+  from tests import cli
+  from tests.conftest import tiny_config
   steps = 30
   flags = tiny_flags(data_dir, f"--config.training.num_train_steps={steps}",
                      "--config.training.checkpoint_every_steps=3", "--config.model.dropout=0.1")
   run_main(*flags, "--workdir", str(tmp_path / "straight"), cwd=tmp_path)
-  w = tmp_path / "killed"
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
-  rng = np.random.default_rng()
-  kills = 0
-  for _ in range(3):
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"), *flags,
-                             "--workdir", str(w)], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  w = str(tmp_path / "killed")
+  rng = np.random.default_rng(20261126)
+  saved = 0  # newest checkpoint when the last process was killed
+  for _ in range(2):
+    job = cli.main_py(*flags, "--workdir", w, cwd=tmp_path)
+    if saved:  # every restart resumes from a checkpoint at least as new as the last one seen
+      assert int(job.wait_for(r"resumed from step (\d+)").group(1)) >= saved
     start = time.time()
-    while not os.path.exists(w / "metrics.jsonl") and proc.poll() is None:
-      time.sleep(0.05)
+    while (not _checkpoints(w) or _checkpoints(w)[-1] <= saved) and job.proc.poll() is None:
+      time.sleep(0.05)  # until this run has written a new checkpoint
       assert time.time() - start < 300
-    time.sleep(rng.uniform(0.0, 1.5))  # somewhere in training, or in a checkpoint write
-    if proc.poll() is None:
-      proc.kill()
-      kills += 1
-    proc.wait()
-  run_main(*flags, "--workdir", str(w), cwd=tmp_path)  # finish the run
-  assert kills >= 1
-  step_a, a = _final_params(tmp_path / "straight")
-  step_b, b = _final_params(w)
+    time.sleep(rng.uniform(0.0, 1.0))  # then somewhere in training or in a checkpoint write
+    job.proc.kill()
+    job.finish()
+    assert _checkpoints(w)[-1] > saved, "the run made no new checkpoint before the kill"
+    saved = _checkpoints(w)[-1]
+  assert saved < steps, "the last kill came after the end: nothing left to resume"
+  last = run_main(*flags, "--workdir", w, cwd=tmp_path)
+  assert int(re.search(r"resumed from step (\d+)", last.stderr).group(1)) >= saved
+  config = tiny_config(**{"model.dropout": 0.1})
+  step_a, a = cli.final_state(tmp_path / "straight", config)
+  step_b, b = cli.final_state(w, config)
   assert step_a == step_b == steps
-  import jax
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
+  cli.assert_same_state(a, b)
+
+
+def test_unreadable_newest_checkpoint_is_set_aside_for_sample_train_and_eval(tmp_path, data_dir):
+  """A truncated data file in the newest checkpoint: every mode uses the one before, with one
+  warning naming the bad step, and keeps the bad one in checkpoints_unreadable/."""
+  w = tmp_path / "w"
+  flags = tiny_flags(data_dir, "--config.training.num_train_steps=4",
+                     "--config.training.checkpoint_every_steps=2")
+
+  def truncate_newest():
+    step = _checkpoints(w)[-1]
+    d = w / "checkpoints" / str(step) / "state" / "ocdbt.process_0" / "d"
+    biggest = max(d.iterdir(), key=lambda f: f.stat().st_size)
+    with open(biggest, "r+b") as f:
+      f.truncate(biggest.stat().st_size // 3)
+    return step
+
+  run_main(*flags, "--workdir", str(w), cwd=tmp_path)
+  bad = truncate_newest()
+  proc = run_main("--mode=sample", "--workdir", str(w), "--config.sampling.num_frames=0",
+                  cwd=tmp_path)
+  assert proc.stdout.strip().splitlines()[-1].endswith("samples/step2_ddim5_eta0_seed0")
+  warnings = [x for x in proc.stderr.splitlines() if "cannot be read" in x]
+  assert len(warnings) == 1 and f"checkpoint {bad} " in warnings[0], proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) < 20
+  assert [p.split("-")[0] for p in os.listdir(w / "checkpoints_unreadable")] == [str(bad)]
+
+  resumed = run_main(*tiny_flags(data_dir, "--config.training.num_train_steps=6",
+                                 "--config.training.checkpoint_every_steps=2"),
+                     "--workdir", str(w), cwd=tmp_path)
+  assert "resumed from step 2" in resumed.stderr and _checkpoints(w) == [2, 4, 6]
+  bad = truncate_newest()
+  proc = run_main("--mode=eval", "--workdir", str(w), "--config.eval.num_samples=0",
+                  cwd=tmp_path)
+  assert os.path.exists(w / "eval" / "4.json") and not os.path.exists(w / "eval" / "6.json")
+  assert f"checkpoint {bad} " in proc.stderr and "Traceback" not in proc.stderr
+  assert len(os.listdir(w / "checkpoints_unreadable")) == 2

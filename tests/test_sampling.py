@@ -49,23 +49,49 @@ def test_ddim_1000_steps_matches_data_moments(schedule, gauss, eta):
   assert_moments(x, MEAN, STD)
 
 
-def test_ddim_eta1_all_steps_is_ddpm_posterior_step(schedule):
-  """With all T steps and eta=1, DDIM's sigma_t^2 is DDPM's posterior variance, and its mean
-  equals the posterior mean: one step of each from the same x_t agrees for any eps_fn."""
-  ab, ab_prev = schedule.alphas_cumprod, schedule.alphas_cumprod_prev
-  sigma2 = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
-  # float32 cancellation in 1 - ab/ab_prev limits the agreement to ~1e-3.
-  np.testing.assert_allclose(sigma2[1:], schedule.posterior_variance[1:], rtol=2e-3)
+def test_ddim_eta1_all_steps_is_the_ddpm_sampler():
+  """DDIM with all T steps and eta=1 takes DDPM's posterior steps: the two samplers' own
+  trajectories from the same x_T with the same key (both draw step t's noise from
+  fold_in(key, t)) agree for any eps_fn. A short (cosine) schedule keeps float32 drift small."""
+  sched = diffusion.make_schedule("cosine", 10)
   eps_fn = lambda x, t: jnp.sin(3 * x) + 0.01 * t[:, None]  # noqa: E731  (any function)
-  x = x_T(3, 64)
-  for t in (999, 500, 3):
-    tv = jnp.full((64,), t, jnp.int32)
-    eps = eps_fn(x, tv)
-    x0 = diffusion.eps_to_x0(schedule, x, tv, eps)
-    mean, _, _ = diffusion.q_posterior(schedule, x0, x, tv)
-    ddim_mean = (jnp.sqrt(ab_prev[t]) * x0
-                 + jnp.sqrt(1 - ab_prev[t] - sigma2[t]) * eps)
-    np.testing.assert_allclose(ddim_mean, mean, atol=2e-4)
+  x, key = x_T(3, 256), jax.random.key(11)
+  ddpm, f1 = sampling.ddpm_sample(eps_fn, sched, x, key, num_frames=10)
+  ddim, f2 = sampling.ddim_sample(eps_fn, sched, x, key, num_steps=10, eta=1.0, num_frames=10)
+  # Every intermediate x_t and x0 prediction (some large: x0 = x_t / sqrt(alpha_bar_t)).
+  np.testing.assert_allclose(f2, f1, rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(ddim, ddpm, rtol=1e-3, atol=1e-4)
+  assert float(jnp.abs(ddim - sampling.ddim_sample(eps_fn, sched, x, key, num_steps=10)).max()) \
+      > 0.1  # and eta matters: with eta=0 the same steps add no noise
+
+
+@pytest.mark.parametrize("variance", ["small", "large"])
+def test_ddpm_step_adds_the_variance_of_its_table(variance):
+  """The variance tables themselves, and what a step draws: with eps_fn = 0 and x_T = 0 on a
+  2-step schedule, x_0 = sqrt(var_1) z / sqrt(alpha_bar_0), so its spread gives var_1."""
+  sched = diffusion.make_schedule("cosine", 2)
+  table = np.exp(np.asarray(sampling.ddpm_log_variance(sched, variance), np.float64))
+  want = sched.posterior_variance if variance == "small" else sched.betas
+  np.testing.assert_allclose(table[1:], np.asarray(want)[1:], rtol=1e-5)
+  x = sampling.ddpm_sample(lambda x, t: jnp.zeros_like(x), sched, jnp.zeros((20000, 4)),
+                           jax.random.key(0), variance=variance)
+  std = float(np.std(np.asarray(x)) * np.sqrt(float(sched.alphas_cumprod[0])))
+  assert abs(std - np.sqrt(table[1])) < 4 * np.sqrt(table[1]) / np.sqrt(2 * x.size)
+  # small != large: the test can tell the two apart
+  other = "large" if variance == "small" else "small"
+  assert abs(table[1] - np.exp(float(sampling.ddpm_log_variance(sched, other)[1]))) > 1e-3
+
+
+def test_logsnr_spacing_is_uniform_in_log_snr(schedule):
+  ac = schedule.alphas_cumprod_np()
+  lam = 0.5 * np.log(ac / (1 - ac))
+  ts = sampling.timestep_sequence(1000, 20, "logsnr", ac)
+  steps = np.diff(lam[ts])  # lambda rises as t falls
+  assert np.all(steps > 0)
+  # Equal in log-SNR up to rounding t to integers (largest near t=0, where lambda is steep).
+  assert np.std(steps[1:-1]) / np.mean(steps) < 0.05
+  uniform = np.diff(lam[sampling.timestep_sequence(1000, 20, "uniform")])
+  assert np.std(uniform) / np.mean(uniform) > 1.0  # what uniform-in-t spacing does instead
 
 
 def test_ddim_and_ddpm_agree_in_distribution_on_a_mixture(schedule):

@@ -61,24 +61,83 @@ def test_loss_decreases_on_a_tiny_run():
   assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:5]), losses
 
 
-def test_non_finite_step_is_skipped_and_counted():
-  config = tiny_config()
+def test_non_finite_step_is_skipped_and_the_optimizer_count_stands_still():
+  config = tiny_config(**{"optim.warmup_steps": 10, "training.ema_decay": 0.999})
   model, schedule, tx, state = setup(config)
   step = jax.jit(train.make_train_step(config, model, schedule, tx, axis_name=None))
   bad = batch(8)
   bad[0, 0, 0, 0] = np.nan
   new, m = step(state, bad, jax.random.key(0))
   assert int(m["skipped"]) == 1 and int(new.step) == 1
-  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params)):
-    np.testing.assert_array_equal(a, b)
+  assert int(state_lib.updates_applied(new.opt_state)) == 0
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+    if np.ndim(a):
+      np.testing.assert_array_equal(a, b)
+  # The next (good) step is the optimizer's first: learning rate and EMA warm-up at n = 0.
   _, m = step(new, batch(8), jax.random.key(0))
   assert int(m["skipped"]) == 0
+  lr = state_lib.make_lr_schedule(config)
+  np.testing.assert_allclose(float(m["learning_rate"]), float(lr(0)))
+  np.testing.assert_allclose(float(m["ema_decay"]), 0.1)  # min(0.999, 1/10)
 
 
-def test_ema_follows_the_warmup_formula():
+def test_ema_decay_follows_the_warmup_formula():
   config = tiny_config(**{"training.ema_decay": 0.999, "training.ema_warmup": True})
   for n, want in ((0, 0.1), (10, 11 / 20), (100000, 0.999)):
-    np.testing.assert_allclose(float(state_lib.ema_decay_at(jnp.int32(n), config)), want, rtol=1e-6)
+    np.testing.assert_allclose(float(state_lib.ema_decay_at(jnp.int32(n), config)), want,
+                               rtol=1e-6)
+
+
+def test_ema_is_the_warmed_up_average_of_the_new_parameters():
+  config = tiny_config(**{"training.ema_decay": 0.999})
+  model, schedule, tx, state = setup(config)
+  state = state.replace(ema_params=jax.tree.map(lambda p: p + 1.0, state.params))  # ema != p
+  step = jax.jit(train.make_train_step(config, model, schedule, tx, axis_name=None))
+  s1, m = step(state, batch(8), jax.random.key(0))
+  d = 0.1  # min(0.999, (1 + 0) / (10 + 0))
+  np.testing.assert_allclose(float(m["ema_decay"]), d)
+  for e0, e1, p1 in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(s1.ema_params),
+                        jax.tree.leaves(s1.params)):
+    np.testing.assert_allclose(e1, d * e0 + (1 - d) * p1, rtol=1e-6, atol=1e-6)
+
+
+def test_gradients_are_clipped_to_the_global_norm():
+  """Adam's first moment after one step is (1 - b1) g: its global norm shows the clipped
+  gradient (Adam's update itself is scale-free, so the parameters could not show it)."""
+  for clip in (1e-3, 0.0):
+    config = tiny_config(**{"optim.grad_clip_norm": clip})
+    model, schedule, tx, state = setup(config)
+    step = jax.jit(train.make_train_step(config, model, schedule, tx, axis_name=None))
+    s1, m = step(state, batch(8), jax.random.key(0))
+    mu = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(s1.opt_state)
+          if "mu" in jax.tree_util.keystr(path)]
+    norm = float(np.sqrt(sum(np.sum(np.square(x)) for x in mu))) / (1 - config.optim.b1)
+    raw = float(m["grad_norm"])  # before clipping
+    assert raw > 0.1
+    np.testing.assert_allclose(norm, clip or raw, rtol=1e-3)
+
+
+def test_dropout_keys_differ_per_device_and_example_keys_do_not():
+  key = jax.random.key(5)
+  per_device = jax.pmap(lambda _: train.step_keys(key, 3, jax.lax.axis_index("d")),
+                        axis_name="d")(np.zeros(4))
+  ex, drop = (jax.random.key_data(k) for k in per_device)
+  assert all(np.array_equal(ex[0], e) for e in ex)  # t and noise: the same on every device
+  assert len({bytes(np.asarray(d)) for d in drop}) == 4  # dropout: one mask stream per device
+  other_step = jax.random.key_data(train.step_keys(key, 4, 0)[1])
+  assert not np.array_equal(other_step, drop[0])
+
+
+def test_saves_asked_for_by_the_clock_are_agreed_and_not_repeated(tmp_path, data_dir):
+  """checkpoint_every_minutes ~ 0: every dispatch asks for a save. The request rides with the
+  step and is acted on one dispatch later; one made before a save is answered by it, so
+  saves come every 2 steps, not every step."""
+  config = tiny_config(**{"data.data_dir": data_dir, "training.num_train_steps": 7,
+                          "training.checkpoint_every_steps": 7,
+                          "training.checkpoint_every_minutes": 1e-9,
+                          "training.keep_checkpoints": 10})
+  train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [2, 4, 6, 7]
 
 
 def test_checkpoint_save_restore_is_identical(tmp_path):
