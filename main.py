@@ -24,6 +24,9 @@ MODES = {
     "sample": "grid, PNGs, NPZ and denoising GIFs",
     "interpolate": "slerp between noise seeds",
     "reconstruct": "DDIM inversion of held-out images and back",
+    "inpaint": "fill masked regions of sampling.inputs (RePaint)",
+    "img2img": "SDEdit: noise sampling.inputs to sampling.strength and denoise",
+    "interpolate_images": "DDIM-invert pairs of sampling.inputs, slerp, decode",
     "eval": "bits/dim, per-timestep loss, sample metrics (FID given Inception weights)",
 }
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.", lock_config=False)
@@ -57,8 +60,7 @@ def _run(mode: str, config, workdir: str) -> None:
   elif mode == "eval":
     evaluate.evaluate(config, workdir)
   else:
-    out = {"sample": sample.sample_and_save, "interpolate": sample.interpolate_and_save,
-           "reconstruct": sample.reconstruct_and_save}[mode](config, workdir)
+    out = sample.MODES[mode](config, workdir)
     if parallel.is_main():
       print(out)  # the last line: where the files are
 

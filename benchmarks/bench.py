@@ -29,6 +29,19 @@ sys.path.insert(0, REPO)
 PEER = os.path.join(REPO, "..", "shared", "bench", "diffusers_peer.py")
 
 
+# What the two sides do differently in the timed work (printed with the table).
+DIFFERENCES = [
+    "train step: ours also updates the EMA parameters, clips the global gradient norm and "
+    "checks the step is finite (skipping it if not); the peer's is a plain Adam step",
+    "bf16: ours computes GroupNorm (statistics in float32) and SiLU in bfloat16; torch "
+    "autocast runs them in float32",
+    "DDIM: ours is one compiled lax.scan over the steps; the peer calls its (compiled) "
+    "network from diffusers' Python scheduler loop",
+    "both sides: parameters on the device before timing; the same number of timed train "
+    "steps (--train-steps), the median reported",
+]
+
+
 def _timed(fn, repeats):
   times = []
   for _ in range(repeats):
@@ -91,7 +104,9 @@ def measure_forward_and_ddim(batch, ddim_steps_list, bf16=False):
 
   from ddpm_jax import generate
   config, model, schedule, tx, state = build(batch, bf16)
-  params = state.params
+  # On the device before timing, as the peer's are: a host (numpy) tree would be copied to
+  # the device on every timed call (143 MB for this model).
+  params = jax.device_put(state.params)
   f = jax.jit(lambda p, x: model.apply({"params": p}, x, jnp.full((x.shape[0],), 500)))
   x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 32, 32, 3)), jnp.float32)
   jax.block_until_ready(f(params, x))
@@ -124,9 +139,11 @@ def compile_time_subprocess(cache_dir, batch):
   raise RuntimeError(proc.stderr[-2000:])
 
 
-def run_peer(peer_python, batch, ddim_steps, device, bf16=False, compile_=False, script=PEER):
+def run_peer(peer_python, batch, ddim_steps, device, bf16=False, compile_=False, script=PEER,
+             train_steps=5):
   cmd = [peer_python, script, "--batch", str(batch), "--ddim-steps", str(ddim_steps),
-         "--device", device] + (["--bf16"] if bf16 else []) + (["--compile"] if compile_ else [])
+         "--device", device, "--train-steps", str(train_steps)] + (
+             ["--bf16"] if bf16 else []) + (["--compile"] if compile_ else [])
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode:
     return {"error": proc.stderr[-1000:]}
@@ -163,7 +180,8 @@ def main():
   run_utils.set_process_defaults()  # the project's XLA:CPU flags, before JAX starts
   device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
   result = {"machine": machine_info(), "batch": args.batch, "big_batch": args.big_batch,
-            "bf16": args.bf16, "ours": {"side": "ddpm_jax"}, "peers": [], "time": time.time()}
+            "bf16": args.bf16, "ours": {"side": "ddpm_jax"}, "peers": [], "time": time.time(),
+            "timed_train_steps": args.train_steps, "differences": DIFFERENCES}
 
   def save():  # after each phase, so a run cut short still leaves its numbers
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -176,12 +194,12 @@ def main():
     rows = [("diffusers", False)] + ([("diffusers+compile", True)] if args.peer_compile else [])
     for name, comp in rows:
       r10 = run_peer(args.peer_python, args.batch, 10, device, args.bf16, comp,
-                     args.peer_script)
+                     args.peer_script, args.train_steps)
       full = not comp or not args.peer_compile_light
       r50 = run_peer(args.peer_python, args.batch, 50, device, args.bf16, comp,
-                     args.peer_script) if full else {}
+                     args.peer_script, args.train_steps) if full else {}
       big = run_peer(args.peer_python, args.big_batch, 1, device, args.bf16, comp,
-                     args.peer_script) if full else {}
+                     args.peer_script, max(2, args.train_steps // 2)) if full else {}
       result["peers"].append({
           "side": name, "train_img_per_s": r10.get("train_img_per_s"),
           "train_img_per_s_big_batch": big.get("train_img_per_s"),
@@ -233,6 +251,8 @@ def print_table(result):
       row += f" {pv if pv is None else round(pv, 3)!s:>18s} {shown:>7s}"
     print(row)
   print("(ratio: how many times better ddpm_jax is; >1 = faster)")
+  for d in result.get("differences", []):
+    print(f"  - {d}")
 
 
 if __name__ == "__main__":

@@ -8,23 +8,21 @@ process count (exactly so for the deterministic samplers).
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax import diffusion, images, models, parallel, progress, sampling, state
-from ddpm_jax.errors import NoCheckpointError
+from ddpm_jax import diffusion, fs, images, models, parallel, progress, sampling, state
+from ddpm_jax.errors import ConfigError, NoCheckpointError
 
 
 def make_eps_fn(config, model, schedule, params, labels=None, guidance_scale: float = 1.0):
-  """``eps_fn(x_t, t)`` of the network, with classifier-free guidance for labelled models.
-
-  eps = eps(x, null) + w (eps(x, y) - eps(x, null)); w = 0 is unconditional, 1 plain
-  conditional. With 0 < w != 1 both branches go through the network in one batched call.
-  """
+  """``eps_fn(x_t, t)`` of the network; with labels, classifier-free guidance of scale
+  ``guidance_scale`` (``sampling.guided_eps_fn``: one batched call for both branches)."""
   prediction_type = config.model.prediction_type
-  null = model.num_classes
 
   def eps_of(x, t, y):
     pred = models.apply(model, params, x, t, y).astype(jnp.float32)
@@ -32,45 +30,52 @@ def make_eps_fn(config, model, schedule, params, labels=None, guidance_scale: fl
 
   if not model.num_classes or labels is None:
     return lambda x, t: eps_of(x, t, None)
-  w = float(guidance_scale)
-  if w == 0.0:
-    return lambda x, t: eps_of(x, t, jnp.full_like(labels, null))
-  if w == 1.0:
-    return lambda x, t: eps_of(x, t, labels)
-
-  def guided(x, t):
-    both = eps_of(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                  jnp.concatenate([labels, jnp.full_like(labels, null)]))
-    cond, uncond = jnp.split(both, 2)
-    return uncond + w * (cond - uncond)
-  return guided
+  return sampling.guided_eps_fn(eps_of, labels, model.num_classes, guidance_scale)
 
 
 class Sampler:
-  """A compiled, pmapped sampler for one config; reused across batches and parameters."""
+  """A compiled, pmapped sampler for one config; reused across batches and parameters.
 
-  def __init__(self, config, model, schedule, num_frames: int = 0):
+  ``t_start`` makes it an image-to-image sampler (it starts from x at that timestep);
+  ``inpaint`` makes it keep known pixels (``run(..., known=, mask=)``) with
+  ``sampling.resample_steps`` RePaint jumps.
+  """
+
+  def __init__(self, config, model, schedule, num_frames: int = 0, t_start: int | None = None,
+               inpaint: bool = False):
     s = config.sampling
     self.config, self.schedule, self.num_frames = config, schedule, num_frames
-    self.model = model
+    self.model, self.t_start = model, t_start
     self.shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
+    num_steps = s.num_steps
+    if t_start is not None:  # the same density of steps over the shorter way
+      num_steps = max(1, min(t_start + 1, round(s.num_steps * (t_start + 1)
+                                                / schedule.num_timesteps)))
+    self.num_steps = num_steps
+    resample = int(s.get("resample_steps", 1)) if inpaint else 1
 
-    def sample_fn(params, x_T, key, labels):
+    def sample_fn(params, x_T, key, labels, known, mask):
       key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS))
       eps_fn = make_eps_fn(config, model, schedule, params, labels,
                            s.get("guidance_scale", 1.0))
-      return sampling.sample(s.sampler, eps_fn, schedule, x_T, key, num_steps=s.num_steps,
+      return sampling.sample(s.sampler, eps_fn, schedule, x_T, key, num_steps=num_steps,
                              eta=s.eta, spacing=s.spacing, variance=s.ddpm_variance,
-                             clip_x0=s.clip_x0, num_frames=num_frames)
+                             clip_x0=s.clip_x0, num_frames=num_frames, t_start=t_start,
+                             known=known, mask=mask, resample_steps=resample)
 
     def invert_fn(params, x0, labels):
       eps_fn = make_eps_fn(config, model, schedule, params, labels, 1.0)
       return sampling.ddim_invert(eps_fn, schedule, x0, num_steps=s.num_steps,
                                   spacing=sampling.resolve_spacing("ddim", s.spacing))
 
-    self._p_sample = parallel.pmap(sample_fn, in_axes=(0, 0, None, 0))
+    self._p_sample = parallel.pmap(sample_fn, in_axes=(0, 0, None, 0, 0, 0))
     self._p_invert = parallel.pmap(invert_fn)
     self._replicated = (None, None)
+
+  def timesteps(self) -> np.ndarray:
+    s = self.config.sampling
+    return sampling.timesteps_used(s.sampler, self.schedule, self.num_steps, s.spacing,
+                                   self.t_start)
 
   def noise(self, seed: int, indices: np.ndarray) -> jax.Array:
     key = jax.random.key(seed)
@@ -96,42 +101,86 @@ class Sampler:
     n_dev = jax.local_device_count()
     x_T = self.noise(seed, indices).reshape((n_dev, -1) + self.shape)
     key = jax.random.fold_in(jax.random.key(seed + 1), batch_key)
-    out = self._p_sample(self._params(params), x_T, key, self._labels(labels, len(indices)))
+    out = self._p_sample(self._params(params), x_T, key, self._labels(labels, len(indices)),
+                         None, None)
     if self.num_frames:
       x0, frames = jax.device_get(out)
       frames = np.moveaxis(frames, 0, 2)  # (F, 2, dev, B, ...) after moving device axis
       return x0.reshape((-1,) + self.shape), frames.reshape(frames.shape[:2] + (-1,) + self.shape)
     return np.asarray(jax.device_get(out)).reshape((-1,) + self.shape), None
 
-  def _per_device(self, fn, params, x, labels=None):
-    """Runs a pmapped ``fn(params, x_dev, labels_dev)`` over a host batch, padded to the
-    device count."""
+  def _per_device(self, fn, params, x, labels=None, *extra):
+    """Runs a pmapped ``fn(params, x, labels, *extra)`` over host batches (N, ...), padded to
+    and split over the local devices; returns (N, ...) host arrays."""
     n_dev, n = jax.local_device_count(), len(x)
     pad = -n % n_dev
-    x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+    split = lambda a: None if a is None else np.concatenate(  # noqa: E731
+        [a, np.zeros((pad,) + a.shape[1:], a.dtype)]).reshape((n_dev, -1) + a.shape[1:])
     if labels is not None:
       labels = np.concatenate([np.asarray(labels, np.int32), np.zeros((pad,), np.int32)])
-    out = fn(self._params(params), x.reshape((n_dev, -1) + x.shape[1:]),
-             self._labels(labels, len(x)))
+    out = fn(self._params(params), split(x), self._labels(labels, n + pad),
+             *(split(e) for e in extra))
     return np.asarray(jax.device_get(out)).reshape((-1,) + x.shape[1:])[:n]
+
+  def run(self, params, x_start: np.ndarray, batch_key: int = 0, labels=None, known=None,
+          mask=None) -> np.ndarray:
+    """Samples from given starting points (N, H, W, C): noise, or x at ``t_start``; with
+    ``known`` images and their ``mask`` (1 = keep) for an inpainting sampler."""
+    key = jax.random.fold_in(jax.random.key(self.config.sampling.seed + 1), batch_key)
+
+    def fn(p, x, y, k, m):
+      out = self._p_sample(p, x, key, y, k, m)
+      return out[0] if self.num_frames else out
+    as32 = lambda a: None if a is None else np.asarray(a, np.float32)  # noqa: E731
+    return self._per_device(fn, params, as32(x_start), labels, as32(known), as32(mask))
 
   def from_noise(self, params, x_T: np.ndarray, batch_key: int = 0, labels=None) -> np.ndarray:
     """Samples from given starting noise (N, H, W, C); frames are not recorded."""
-    key = jax.random.fold_in(jax.random.key(self.config.sampling.seed + 1), batch_key)
-
-    def fn(p, x, y):
-      out = self._p_sample(p, x, key, y)
-      return out[0] if self.num_frames else out
-    return self._per_device(fn, params, np.asarray(x_T, np.float32), labels)
+    return self.run(params, x_T, batch_key, labels)
 
   def invert(self, params, x0: np.ndarray, labels=None) -> np.ndarray:
     """DDIM inversion of images in [-1, 1] to starting noise x_T."""
     return self._per_device(self._p_invert, params, np.asarray(x0, np.float32), labels)
 
-  def grid(self, params, num: int = 16, seed: int = 0) -> np.ndarray:
+  def grid(self, params, num: int = 16, seed: int = 0, labels=None) -> np.ndarray:
     """A uint8 grid of ``num`` samples, drawn by every process (each its slice)."""
-    x, _ = generate(self.config, self, params, num, seed=seed, show_progress=False)
+    x, _ = generate(self.config, self, params, num, seed=seed, show_progress=False,
+                    labels=labels)
     return images.make_grid(images.to_uint8(x))
+
+
+CLASSES_FILE = "classes.json"  # a class-conditional run's class names, in label order
+
+
+def save_class_names(workdir: str, names) -> None:
+  fs.write_json(fs.join(workdir, CLASSES_FILE), list(names))
+
+
+def class_names(workdir: str, num_classes: int) -> tuple:
+  """The run's class names (``<workdir>/classes.json``), or "0", "1", ... without the file."""
+  path = fs.join(workdir, CLASSES_FILE)
+  if fs.exists(path):
+    return tuple(json.loads(fs.read_text(path)))
+  return tuple(str(i) for i in range(num_classes))
+
+
+def parse_labels(spec, names: tuple, num: int) -> np.ndarray:
+  """``sampling.labels`` -> a label per sample: "all" (each class in turn), a class name or
+  index, or a comma-separated list of them, cycled over the ``num`` samples."""
+  text = str(spec if spec is not None else "all").strip()
+  if text == "all":
+    wanted = list(range(len(names)))
+  else:
+    wanted = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+      if item in names:
+        wanted.append(names.index(item))
+      elif item.isdigit() and int(item) < len(names):
+        wanted.append(int(item))
+      else:
+        raise ConfigError(f"sampling.labels: {item!r} is not a class of this model; its "
+                          f"classes are {', '.join(names)} (or 0-{len(names) - 1}, or all)")
+  return np.resize(np.asarray(wanted, np.int32), num)
 
 
 def load_params(config, workdir: str, step: int | None = None):

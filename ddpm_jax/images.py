@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -13,6 +14,16 @@ from ddpm_jax import fs
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # allow big photos; bombs beyond are refused
+
+
+def list_images(folder: str) -> list[str]:
+  """Image files under a local ``folder`` (recursive), as sorted relative paths."""
+  out = []
+  for root, _, files in os.walk(folder):
+    for f in files:
+      if f.lower().endswith(EXTENSIONS):
+        out.append(os.path.relpath(os.path.join(root, f), folder))
+  return sorted(out)
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:

@@ -71,7 +71,8 @@ class ArraySource:
 
 def class_names_of(builder, label_key: str) -> tuple:
   """The class names of a dataset's ClassLabel feature ``label_key`` (() if it has none)."""
-  feature = builder.info.features.get(label_key) if label_key else None
+  features = builder.info.features
+  feature = features[label_key] if label_key and label_key in features else None
   return tuple(getattr(feature, "names", None) or ())
 
 

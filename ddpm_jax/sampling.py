@@ -2,7 +2,9 @@
 
 Every sampler takes ``eps_fn(x_t, t) -> eps``: any function of the noisy batch and
 an int32 array ``t`` of shape (B,) with values in [0, T). The model (through
-``model_eps_fn``) and analytic denoisers in tests are both such functions.
+``generate.make_eps_fn``, with classifier-free guidance by ``guided_eps_fn``) and
+analytic denoisers in tests are both such functions. Every sampler can also start
+from an intermediate timestep (image-to-image) and keep known pixels (inpainting).
 
 ``eps_fn`` is a static argument of the jitted samplers: pass the same function
 object to reuse the compiled sampler. To sample from a model with changing
@@ -118,20 +120,86 @@ def ddpm_log_variance(schedule: diffusion.Schedule, variance: str) -> jax.Array:
   raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("eps_fn", "variance", "clip_x0", "num_frames"))
+def _alpha_bar_at(schedule, t):
+  """alpha_bar_t, with t = -1 meaning the clean data (alpha_bar = 1)."""
+  return jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
+
+
+def _keep_known(schedule, x_prev, t_prev, known, mask, key):
+  """Inpainting: the known pixels (mask 1) replaced by the known image noised to t_prev's
+  level, fresh noise each time; at t_prev = -1 they are the known values exactly."""
+  ab = _alpha_bar_at(schedule, t_prev)
+  z = jax.random.normal(key, x_prev.shape, x_prev.dtype)
+  noisy = (jnp.sqrt(ab) * known + jnp.sqrt(1.0 - ab) * z).astype(x_prev.dtype)
+  return mask * noisy + (1.0 - mask) * x_prev
+
+
+def _run_stateless(step, schedule, ts, ts_prev, x_T, key, known, mask, resample_steps,
+                   num_frames):
+  """Runs ``step(x_t, t, t_prev, key) -> (x_prev, x0)`` over (ts, ts_prev) in one scan.
+
+  Step t's key is ``fold_in(key, t)``. With ``known``/``mask``, the known region of every
+  x_prev is re-noised from the known image. With ``resample_steps`` U > 1 (RePaint,
+  Lugmayr et al. 2022), each step is taken U times: after each but the last, x_prev is
+  noised forward again to t, x_t = sqrt(ab_t / ab_prev) x_prev + sqrt(1 - ab_t / ab_prev) z,
+  so the generated region can take up what the known region says.
+  """
+  def once(x, t, t_prev, k):
+    x_prev, x0 = step(x, t, t_prev, k)
+    if known is not None:
+      x_prev = _keep_known(schedule, x_prev, t_prev, known, mask, jax.random.fold_in(k, 1))
+    return x_prev, x0
+
+  def body(x, inp):
+    t, t_prev = inp
+    k = jax.random.fold_in(key, t)
+    if resample_steps == 1:
+      x_prev, x0 = once(x, t, t_prev, k)
+      return x_prev, (x_prev, x0)
+    ratio = _alpha_bar_at(schedule, t) / _alpha_bar_at(schedule, t_prev)
+
+    def again(u, carry):
+      x_t, _, _ = carry
+      ku = jax.random.fold_in(k, u)
+      x_prev, x0 = once(x_t, t, t_prev, ku)
+      z = jax.random.normal(jax.random.fold_in(ku, 2), x.shape, x.dtype)
+      back = (jnp.sqrt(ratio) * x_prev + jnp.sqrt(1.0 - ratio) * z).astype(x.dtype)
+      return back, x_prev, x0
+
+    _, x_prev, x0 = jax.lax.fori_loop(0, resample_steps, again, (x, x, jnp.zeros_like(x)))
+    return x_prev, (x_prev, x0)
+
+  return _scan_with_frames(body, x_T, (jnp.asarray(ts), jnp.asarray(ts_prev)), x_T, len(ts),
+                           num_frames)
+
+
+def _respaced(schedule, num_steps, spacing, t_start):
+  """(ts, ts_prev) of a sampler starting at ``t_start`` (default T-1), ending at -1 (data)."""
+  n = schedule.num_timesteps if t_start is None else t_start + 1
+  ts = timestep_sequence(n, num_steps, spacing, schedule.alphas_cumprod_np()[:n])
+  return ts, np.append(ts[1:], -1).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("eps_fn", "variance", "clip_x0", "num_frames",
+                                             "t_start", "resample_steps"))
 def ddpm_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.Array, key: jax.Array,
-                variance: str = "small", clip_x0: bool = False, num_frames: int = 0):
+                variance: str = "small", clip_x0: bool = False, num_frames: int = 0,
+                t_start: int | None = None, known=None, mask=None, resample_steps: int = 1):
   """Ancestral sampling (Ho et al. 2020, Algorithm 2) over all T steps.
 
   Args:
     eps_fn: the denoiser, ``eps_fn(x_t, t) -> eps``.
     schedule: the diffusion schedule.
-    x_T: the starting noise, (B, ...).
+    x_T: the starting noise, (B, ...) (or x at ``t_start``).
     key: PRNG key; step t uses ``fold_in(key, t)``.
     variance: "small" (posterior variance beta-tilde) or "large" (beta_t).
     clip_x0: clip the predicted x0 to [-1, 1] before the posterior mean.
     num_frames: if > 0, also return ``(num_frames, 2, *x_T.shape)`` frames of
       (x_t, predicted x0) spread evenly over the trajectory.
+    t_start: start from this timestep instead of T-1 (image-to-image: ``x_T`` is then
+      ``q_sample(x0, t_start, noise)``).
+    known, mask: inpainting: an image (B, ...) and a 0/1 mask of the pixels to keep.
+    resample_steps: RePaint jumps per step (needs ``known``).
 
   Returns:
     x_0, or (x_0, frames) when num_frames > 0.
@@ -139,59 +207,54 @@ def ddpm_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.Array, key
   T = schedule.num_timesteps
   log_var_table = ddpm_log_variance(schedule, variance)
 
-  def step(x, t):
+  def step(x, t, t_prev, k):
     x0, _ = _pred_x0_eps(eps_fn, schedule, x, t, clip_x0)
     mean, _, _ = diffusion.q_posterior(schedule, x0, x, _tvec(x, t))
-    noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype)
+    noise = jax.random.normal(k, x.shape, x.dtype)
     std = jnp.where(t > 0, jnp.exp(0.5 * log_var_table[t]), 0.0).astype(x.dtype)
-    x_prev = mean + std * noise
-    return x_prev, (x_prev, x0)
+    return mean + std * noise, x0
 
-  ts = jnp.arange(T - 1, -1, -1, dtype=jnp.int32)
-  x0, frames = _scan_with_frames(step, x_T, ts, x_T, T, num_frames)
+  start = T - 1 if t_start is None else t_start
+  ts = np.arange(start, -1, -1, dtype=np.int32)
+  x0, frames = _run_stateless(step, schedule, ts, ts - 1, x_T, key, known, mask,
+                              resample_steps, num_frames)
   return (x0, frames) if num_frames else x0
 
 
-def _alpha_bar_at(schedule, t):
-  """alpha_bar_t, with t = -1 meaning the clean data (alpha_bar = 1)."""
-  return jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
-
-
 @functools.partial(jax.jit, static_argnames=("eps_fn", "num_steps", "spacing", "clip_x0",
-                                             "num_frames"))
+                                             "num_frames", "t_start", "resample_steps"))
 def ddim_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.Array, key: jax.Array,
                 num_steps: int = 50, eta: float = 0.0, spacing: str = "uniform",
-                clip_x0: bool = False, num_frames: int = 0):
+                clip_x0: bool = False, num_frames: int = 0, t_start: int | None = None,
+                known=None, mask=None, resample_steps: int = 1):
   """DDIM (Song et al. 2021, eq. 12) on a respaced sequence of ``num_steps`` timesteps.
 
   eta=0 is the deterministic sampler; eta=1 with all T steps is DDPM with the
   posterior ("small") variance. The last step goes to alpha_bar = 1 (clean data).
-  Other arguments and the return value are as for ``ddpm_sample``.
+  Other arguments and the return value are as for ``ddpm_sample`` (with ``t_start``
+  the steps are spread over [0, t_start]).
   """
-  ts = timestep_sequence(schedule.num_timesteps, num_steps, spacing,
-                         schedule.alphas_cumprod_np())
-  ts_prev = np.append(ts[1:], -1).astype(np.int32)
+  ts, ts_prev = _respaced(schedule, num_steps, spacing, t_start)
 
-  def step(x, inp):
-    t, t_prev = inp
+  def step(x, t, t_prev, k):
     x0, eps = _pred_x0_eps(eps_fn, schedule, x, t, clip_x0)
     ab, ab_prev = _alpha_bar_at(schedule, t), _alpha_bar_at(schedule, t_prev)
     sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
     dir_coef = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0))
-    noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype)
-    x_prev = (jnp.sqrt(ab_prev) * x0 + dir_coef * eps + sigma * noise).astype(x.dtype)
-    return x_prev, (x_prev, x0)
+    noise = jax.random.normal(k, x.shape, x.dtype)
+    return (jnp.sqrt(ab_prev) * x0 + dir_coef * eps + sigma * noise).astype(x.dtype), x0
 
-  xs = (jnp.asarray(ts), jnp.asarray(ts_prev))
-  x0, frames = _scan_with_frames(step, x_T, xs, x_T, num_steps, num_frames)
+  x0, frames = _run_stateless(step, schedule, ts, ts_prev, x_T, key, known, mask,
+                              resample_steps, num_frames)
   return (x0, frames) if num_frames else x0
 
 
 @functools.partial(jax.jit, static_argnames=("eps_fn", "num_steps", "spacing", "clip_x0",
-                                             "num_frames"))
+                                             "num_frames", "t_start"))
 def dpm_solver_pp_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.Array,
                          key: jax.Array = None, num_steps: int = 20, spacing: str = "logsnr",
-                         clip_x0: bool = False, num_frames: int = 0):
+                         clip_x0: bool = False, num_frames: int = 0,
+                         t_start: int | None = None, known=None, mask=None):
   """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), the multistep data-prediction solver.
 
   With lambda = log(alpha / sigma) and h_i = lambda_i - lambda_{i-1}:
@@ -200,13 +263,11 @@ def dpm_solver_pp_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.A
   The first step and the last step (to sigma = 0, the clean data) are first order,
   which makes the last step identical to DDIM's. The default logsnr spacing matters:
   with uniform spacing in t, the large log-SNR jumps near t=0 make 2M worse than
-  DDIM at 10-20 steps. ``key`` is unused (deterministic);
-  coefficients are computed in float32 from the schedule.
+  DDIM at 10-20 steps. Deterministic (``key`` only noises known pixels for
+  inpainting, which takes no resampling here: the multistep history would not survive
+  a jump back); coefficients are computed in float32 from the schedule.
   """
-  del key
-  ts = timestep_sequence(schedule.num_timesteps, num_steps, spacing,
-                         schedule.alphas_cumprod_np())
-  ts_prev = np.append(ts[1:], -1).astype(np.int32)
+  ts, ts_prev = _respaced(schedule, num_steps, spacing, t_start)
   last = ts_prev < 0  # the final step, to the clean data (sigma = 0)
   tp = np.maximum(ts_prev, 0)
   ac = schedule.alphas_cumprod
@@ -216,20 +277,22 @@ def dpm_solver_pp_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.A
   h = lam(tp) - lam(ts)
   exp_m1 = jnp.where(last, -1.0, jnp.expm1(-h))  # exp(-inf) - 1 on the last step
   r = jnp.concatenate([jnp.ones((1,)), h[:-1]]) / h
-  second_order = (np.arange(num_steps) > 0) & ~last
+  second_order = (np.arange(len(ts)) > 0) & ~last
   w_prev = jnp.where(second_order, -0.5 / r, 0.0)
 
   def step(carry, inp):
     x, x0_last = carry
-    t, a_prev, s_ratio, em1, wp = inp
+    t, t_prev, a_prev, s_ratio, em1, wp = inp
     x0, _ = _pred_x0_eps(eps_fn, schedule, x, t, clip_x0)
     d = (1.0 - wp) * x0 + wp * x0_last
     x_prev = (s_ratio * x - a_prev * em1 * d).astype(x.dtype)
+    if known is not None:
+      x_prev = _keep_known(schedule, x_prev, t_prev, known, mask, jax.random.fold_in(key, t))
     return (x_prev, x0), (x_prev, x0)
 
-  xs = (jnp.asarray(ts), alpha_prev, sigma_ratio, exp_m1, w_prev)
+  xs = (jnp.asarray(ts), jnp.asarray(ts_prev), alpha_prev, sigma_ratio, exp_m1, w_prev)
   (x0, _), frames = _scan_with_frames(step, (x_T, jnp.zeros_like(x_T)), xs, x_T,
-                                      num_steps, num_frames)
+                                      len(ts), num_frames)
   return (x0, frames) if num_frames else x0
 
 
@@ -268,12 +331,23 @@ def slerp(a: jax.Array, b: jax.Array, w: jax.Array) -> jax.Array:
   return (jnp.sin((1 - w) * theta) * a + jnp.sin(w * theta) * b) / sin
 
 
-def model_eps_fn(apply_fn: Callable, params, schedule: diffusion.Schedule,
-                 prediction_type: str = "epsilon") -> EpsFn:
-  """Wraps a network ``apply_fn(params, x_t, t) -> prediction`` as an ``eps_fn``."""
+def guided_eps_fn(cond_eps_fn: Callable, labels, null_label: int, scale: float) -> EpsFn:
+  """Classifier-free guidance (Ho & Salimans 2022) of ``cond_eps_fn(x_t, t, y) -> eps``.
+
+  eps = eps(x, null) + w (eps(x, y) - eps(x, null)): w = 0 unconditional, 1 conditional,
+  > 1 guided. With w not 0 or 1, both branches go through one call on a doubled batch.
+  """
+  w = float(scale)
+  if w == 0.0:
+    return lambda x, t: cond_eps_fn(x, t, jnp.full_like(labels, null_label))
+  if w == 1.0:
+    return lambda x, t: cond_eps_fn(x, t, labels)
+
   def eps_fn(x, t):
-    pred = apply_fn(params, x, t).astype(jnp.float32)
-    return diffusion.prediction_to_eps(schedule, x, t, pred, prediction_type)
+    both = cond_eps_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                       jnp.concatenate([labels, jnp.full_like(labels, null_label)]))
+    cond, uncond = jnp.split(both, 2)
+    return uncond + w * (cond - uncond)
   return eps_fn
 
 
@@ -285,30 +359,38 @@ def resolve_spacing(sampler: str, spacing: str) -> str:
 
 
 def timesteps_used(sampler: str, schedule: diffusion.Schedule, num_steps: int,
-                   spacing: str = AUTO_SPACING) -> np.ndarray:
+                   spacing: str = AUTO_SPACING, t_start: int | None = None) -> np.ndarray:
   """The timesteps at which ``sample(sampler, ...)`` calls the model, in order."""
-  T = schedule.num_timesteps
   if sampler == "ddpm":
-    return np.arange(T - 1, -1, -1, dtype=np.int32)
-  return timestep_sequence(T, num_steps, resolve_spacing(sampler, spacing),
-                           schedule.alphas_cumprod_np())
+    start = schedule.num_timesteps - 1 if t_start is None else t_start
+    return np.arange(start, -1, -1, dtype=np.int32)
+  return _respaced(schedule, num_steps, resolve_spacing(sampler, spacing), t_start)[0]
 
 
 def sample(sampler: str, eps_fn: EpsFn, schedule: diffusion.Schedule, x_T, key, *,
            num_steps: int = 50, eta: float = 0.0, spacing: str = AUTO_SPACING,
-           variance: str = "small", clip_x0: bool = False, num_frames: int = 0):
+           variance: str = "small", clip_x0: bool = False, num_frames: int = 0,
+           t_start: int | None = None, known=None, mask=None, resample_steps: int = 1):
   """Dispatches to the sampler named ``sampler`` (one of SAMPLERS).
 
-  spacing "auto" is "uniform" for DDIM and "logsnr" for DPM-Solver++.
+  spacing "auto" is "uniform" for DDIM and "logsnr" for DPM-Solver++. ``t_start``
+  (image-to-image), ``known``/``mask`` (inpainting) and ``resample_steps`` are as for
+  ``ddpm_sample``; DPM-Solver++ takes no resampling.
   """
   spacing = resolve_spacing(sampler, spacing)
   if sampler == "ddpm":
     return ddpm_sample(eps_fn, schedule, x_T, key, variance=variance, clip_x0=clip_x0,
-                       num_frames=num_frames)
+                       num_frames=num_frames, t_start=t_start, known=known, mask=mask,
+                       resample_steps=resample_steps)
   if sampler == "ddim":
     return ddim_sample(eps_fn, schedule, x_T, key, num_steps=num_steps, eta=eta,
-                       spacing=spacing, clip_x0=clip_x0, num_frames=num_frames)
+                       spacing=spacing, clip_x0=clip_x0, num_frames=num_frames,
+                       t_start=t_start, known=known, mask=mask, resample_steps=resample_steps)
   if sampler in ("dpm_solver++", "dpm_solver_pp"):
+    if resample_steps != 1:
+      raise ValueError("DPM-Solver++ is multistep: inpainting with it takes resample_steps=1; "
+                       "use the ddpm or ddim sampler for RePaint resampling")
     return dpm_solver_pp_sample(eps_fn, schedule, x_T, key, num_steps=num_steps,
-                                spacing=spacing, clip_x0=clip_x0, num_frames=num_frames)
+                                spacing=spacing, clip_x0=clip_x0, num_frames=num_frames,
+                                t_start=t_start, known=known, mask=mask)
   raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")

@@ -31,7 +31,7 @@ from ddpm_jax import (
   validation,
 )
 from ddpm_jax import state as state_lib
-from ddpm_jax.errors import DivergenceError
+from ddpm_jax.errors import ConfigError, DivergenceError
 from ddpm_jax.state import TrainState
 
 __all__ = ["TrainState", "DivergenceError", "make_train_step", "make_p_train_step",
@@ -166,6 +166,16 @@ def summarize_metrics(metrics, num_timesteps: int) -> dict:
   return out
 
 
+def _check_classes(names, num_classes: int, workdir: str, is_main: bool) -> None:
+  """The data's classes must be the model's; their names go to <workdir>/classes.json."""
+  if len(names) != num_classes:
+    raise ConfigError(f"the dataset has {len(names)} classes ({', '.join(names)}) but "
+                      f"model.num_classes={num_classes}: set --config.model.num_classes="
+                      f"{len(names)}")
+  if is_main:
+    generate.save_class_names(workdir, names)
+
+
 class _Loop:
   """What the loop carries between dispatches: throughput, non-finite streak, saves."""
 
@@ -220,7 +230,10 @@ def _train(config, workdir, mngr, lock, stop, is_main):
   step = int(state.step)
   logging.info("model: %s parameters", f"{models.count_params(state.params):,}")
 
-  source = input_pipeline.get_source(config, config.data.train_split)
+  source = input_pipeline.get_source(config, config.data.train_split,
+                                     with_labels=model.num_classes > 0)
+  if model.num_classes:
+    _check_classes(source.class_names, model.num_classes, workdir, is_main)
   batches = input_pipeline.TrainBatches(
       source, t.batch_size, seed=t.seed, start_step=step, random_flip=config.data.random_flip,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -232,6 +245,8 @@ def _train(config, workdir, mngr, lock, stop, is_main):
   bar = progress.Progress(t.num_train_steps, "train", "step", initial=step,
                           log_every=t.log_every_steps, per_unit=(t.batch_size, "img"))
   grid_sampler = generate.Sampler(config, model, schedule) if t.sample_every_steps else None
+  grid_labels = (generate.parse_labels("all", source.class_names, 16) if model.num_classes
+                 else None)
   val_loss = None
   if t.get("eval_every_steps", 0):
     val_loss = validation.ValidationLoss(
@@ -269,7 +284,8 @@ def _train(config, workdir, mngr, lock, stop, is_main):
       if is_main:
         lock.refresh()
       if grid_sampler is not None and step % t.sample_every_steps == 0:
-        grid = grid_sampler.grid(parallel.unreplicate(state_r.ema_params), num=16)
+        grid = grid_sampler.grid(parallel.unreplicate(state_r.ema_params), num=16,
+                                 labels=grid_labels)
         if is_main:
           writer.image(step, "samples/ema", grid)
           images.save_png(fs.join(workdir, "samples", "during_training", f"step{step}.png"),

@@ -40,3 +40,18 @@ def gaussian_ode_solution(schedule, x_T, mean, std):
   ab = float(schedule.alphas_cumprod[-1])
   a = np.sqrt(ab)
   return mean + std * (np.asarray(x_T) - a * mean) / np.sqrt(a**2 * std**2 + 1 - ab)
+
+
+def gaussian_cov_eps_fn(schedule, mean, cov):
+  """E[eps | x_t] for x0 ~ N(mean, cov) over the last axis (D dims, correlated):
+  x_t = a x0 + sig eps has covariance a^2 cov + sig^2 I, so
+  E[eps | x_t] = sig (a^2 cov + sig^2 I)^-1 (x_t - a mean)."""
+  mean, cov = jnp.asarray(mean, jnp.float32), jnp.asarray(cov, jnp.float32)
+  eye = jnp.eye(cov.shape[0])
+
+  def eps_fn(x, t):
+    ab = schedule.alphas_cumprod[t][:, None, None]
+    a, sig2 = jnp.sqrt(ab), 1 - ab
+    prec = jnp.linalg.inv(a**2 * cov + sig2 * eye)  # (B, D, D)
+    return jnp.sqrt(sig2[:, 0]) * jnp.einsum("bij,bj->bi", prec, x - a[:, 0] * mean)
+  return eps_fn

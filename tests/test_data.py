@@ -108,6 +108,40 @@ def test_messy_image_folder_skips_and_counts_bad_files(tmp_path, caplog):
       assert img.shape == (8, 8, 3) and img.dtype == np.uint8
 
 
+def test_image_folder_sub_folders_are_classes(tmp_path, caplog):
+  folder = tmp_path / "pets"
+  rng = np.random.default_rng(0)
+  for name, colour in (("cat", 30), ("dog", 220)):
+    (folder / name / "nested").mkdir(parents=True)
+    for i in range(6):
+      img = np.full((12, 10, 3), colour, np.uint8) + rng.integers(0, 20, (12, 10, 3), np.uint8)
+      Image.fromarray(img).save(folder / name / ("nested" if i % 2 else "") / f"{i}.png")
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "stray.png")
+  config = tiny_config(**{"data.dataset": "image_folder", "data.folder": str(folder),
+                          "data.data_dir": str(tmp_path / "tfds"), "model.num_classes": 2})
+  with caplog.at_level("WARNING"):
+    train = input_pipeline.get_source(config, "train", with_labels=True)
+    test = input_pipeline.get_source(config, "test", with_labels=True)
+  assert train.class_names == ("cat", "dog") and len(train) + len(test) == 12
+  assert any("outside the class sub-folders" in r.getMessage() for r in caplog.records)
+  for src in (train, test):
+    for i in range(len(src)):
+      img, label = src.example(i)
+      assert label == int(img.mean() > 128)  # dog images are the bright ones
+  # Without labels the same folder is a plain image set (all 13 images).
+  plain = tiny_config(**{"data.dataset": "image_folder", "data.folder": str(folder),
+                         "data.data_dir": str(tmp_path / "tfds")})
+  assert len(input_pipeline.get_source(plain, "train")) + len(
+      input_pipeline.get_source(plain, "test")) == 13
+  with pytest.raises(datasets.DatasetError, match="has no class labels"):
+    input_pipeline.get_source(tiny_config(**{"data.data_dir": str(tmp_path / "tfds")}),
+                              "train", with_labels=True)
+  from ddpm_jax import train as train_lib
+  from ddpm_jax.errors import ConfigError
+  with pytest.raises(ConfigError, match="has 2 classes .* set --config.model.num_classes=2"):
+    train_lib._check_classes(("cat", "dog"), 3, str(tmp_path), True)
+
+
 @pytest.mark.parametrize("make", ["empty", "missing", "unset"])
 def test_unusable_folders_are_clear_errors(tmp_path, make):
   folder = tmp_path / "imgs"

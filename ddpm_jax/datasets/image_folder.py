@@ -23,7 +23,7 @@ from absl import logging
 from ddpm_jax import fs, images
 from ddpm_jax.datasets.tf import tfds_module
 from ddpm_jax.errors import DatasetError
-from ddpm_jax.images import EXTENSIONS
+from ddpm_jax.images import EXTENSIONS, list_images
 
 ANIME_INSTRUCTIONS = """\
 Download the Kaggle "another anime face dataset" (scribbless/another-anime-face-dataset,
@@ -34,14 +34,15 @@ zip (archive.zip) or the extracted animefaces256cleaner/ folder into the manual 
   --config.data.manual_dir=DIR   (default: <data_dir>/downloads/manual)"""
 
 
-def list_images(folder: str) -> list[str]:
-  """Image files under ``folder`` (recursive), relative paths, sorted."""
-  out = []
-  for root, _, files in os.walk(folder):
-    for f in files:
-      if f.lower().endswith(EXTENSIONS):
-        out.append(os.path.relpath(os.path.join(root, f), folder))
-  return sorted(out)
+def class_of(relpath: str) -> str:
+  """The top-level sub-folder of an image's relative path ("" for files at the top)."""
+  parts = relpath.replace(os.sep, "/").split("/")
+  return parts[0] if len(parts) > 1 else ""
+
+
+def class_folders(folder: str) -> tuple:
+  """Sorted names of the sub-folders of ``folder`` that hold images (at any depth)."""
+  return tuple(sorted({class_of(f) for f in list_images(folder)} - {""}))
 
 
 def is_test(relpath: str, test_percent: float) -> bool:
@@ -64,6 +65,7 @@ def _builder_classes():
     folder: str = ""
     image_size: int = 64
     test_percent: float = 2.0
+    class_names: tuple = ()  # labels: one class per top-level sub-folder
 
   class ImageFolderImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Images of one folder, resized; splits 'train' and 'test' by path hash."""
@@ -71,11 +73,12 @@ def _builder_classes():
 
     def _info(self):
       s = self.builder_config.image_size
+      features = {"image": tfds.features.Image(shape=(s, s, 3)), "path": tfds.features.Text()}
+      if self.builder_config.class_names:
+        features["label"] = tfds.features.ClassLabel(names=list(self.builder_config.class_names))
       return self.dataset_info_from_configs(
           description=f"Images from {self.builder_config.folder}",
-          features=tfds.features.FeaturesDict({
-              "image": tfds.features.Image(shape=(s, s, 3)),
-              "path": tfds.features.Text()}))
+          features=tfds.features.FeaturesDict(features))
 
     def _folder(self, dl_manager):
       return self.builder_config.folder
@@ -83,6 +86,13 @@ def _builder_classes():
     def _split_generators(self, dl_manager):
       folder = self._folder(dl_manager)
       files = list_images(folder)
+      names = self.builder_config.class_names
+      if names:
+        outside = [f for f in files if class_of(f) not in names]
+        if outside:
+          logging.warning("%d images outside the class sub-folders %s are not used, e.g. %s",
+                          len(outside), list(names), outside[0])
+        files = [f for f in files if class_of(f) in names]
       if not files:
         raise DatasetError(f"no image files ({', '.join(EXTENSIONS)}) under {folder!r}")
       size = self.builder_config.image_size
@@ -111,7 +121,10 @@ def _builder_classes():
       with concurrent.futures.ThreadPoolExecutor(8) as pool:
         for rel, img, _ in pool.map(lambda f: _try_load(folder, f, size), files):
           if img is not None:  # a file that changed since the first pass is dropped
-            yield rel, {"image": img, "path": rel}
+            ex = {"image": img, "path": rel}
+            if self.builder_config.class_names:
+              ex["label"] = self.builder_config.class_names.index(class_of(rel))
+            yield rel, ex
 
   class AnimeFaces(ImageFolderImages, skip_registration=True):
     """The Kaggle "another anime face dataset" (about 92k 256x256 JPEGs), manual download."""
@@ -175,7 +188,15 @@ def make_builder(config, root: str):
   if not os.path.isdir(folder):
     raise DatasetError(f"image folder {folder!r} does not exist")
   tag = hashlib.md5(folder.encode()).hexdigest()[:10]
-  cfg = FolderConfig(name=f"{size}px_{tag}", folder=folder, image_size=size,
+  names = ()
+  if config.model.get("num_classes", 0):
+    names = class_folders(folder)
+    if len(names) < 2:
+      raise DatasetError(f"model.num_classes={config.model.num_classes} needs labels: put each "
+                         f"class's images in its own sub-folder of {folder!r} (found "
+                         f"{len(names)} sub-folder(s) with images)")
+    tag += "_labels" + hashlib.md5("/".join(names).encode()).hexdigest()[:6]
+  cfg = FolderConfig(name=f"{size}px_{tag}", folder=folder, image_size=size, class_names=names,
                      description=f"images of {folder}")
   builder = ImageFolderImages(config=cfg, data_dir=root, file_format="array_record")
   return builder, lambda: builder.download_and_prepare(file_format="array_record")
