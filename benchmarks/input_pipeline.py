@@ -4,10 +4,11 @@ is given, next to what a train step consumes.
   python benchmarks/input_pipeline.py [--folder ../shared/data/anime_faces_64/images]
 
 Prepares the folder once as ArrayRecords (image_folder at 32x32 and 64x64, in --data-dir),
-then for each image size, number of cores (the child process is pinned to them with
-sched_setaffinity) and decoding threads (data.num_workers), runs ``TrainBatches`` (batch
---batch, random flips, the product's reader) in a fresh process and reports img/s after
-a warm-up. Writes JSON (--out). Without --folder it uses the built-in cartoon faces.
+then for each image size, number of cores (the child process, and the reader processes it
+starts, are pinned to them with sched_setaffinity) and reader (decoding threads,
+data.num_workers, or reader processes, data.num_processes), runs ``TrainBatches`` (batch
+--batch, random flips) in a fresh process and reports img/s after a warm-up. Writes JSON
+(--out). Without --folder it uses the built-in cartoon faces.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def child(args):
   c = config_for(args.folder, args.size, args.data_dir, args.workers)
   source = input_pipeline.get_source(c, "train")
   batches = input_pipeline.TrainBatches(source, args.batch, seed=0, random_flip=True,
-                                        num_workers=args.workers, prefetch=2)
-  for _ in range(3):  # warm-up: threads started, first records read
+                                        num_workers=args.workers, prefetch=2,
+                                        num_processes=args.processes)
+  for _ in range(3):  # warm-up: threads and processes started, first records read
     next(batches)
   t = time.perf_counter()
   for _ in range(args.batches):
@@ -58,7 +60,9 @@ def main():
   p.add_argument("--data-dir", default="/tmp/ddpm_jax_input_bench")
   p.add_argument("--sizes", default="32,64")
   p.add_argument("--cores", default="", help="comma list (default: 1, 2, 4, ... up to all)")
-  p.add_argument("--workers", default="1,2,4,8,16")
+  p.add_argument("--workers", default="1,2,4,8", help="thread counts to try")
+  p.add_argument("--processes", default="1,2,4,8,16",
+                 help="reader process counts to try (at most 2 per core)")
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--batches", type=int, default=20)
   p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results",
@@ -68,6 +72,7 @@ def main():
   args, _ = p.parse_known_args()
   if args.child:
     args.cores, args.workers = int(args.cores), int(args.workers)
+    args.processes = int(args.processes)
     return child(args)
 
   ncpu = len(os.sched_getaffinity(0))
@@ -79,17 +84,21 @@ def main():
   for size in (int(s) for s in args.sizes.split(",")):
     input_pipeline.get_source(config_for(args.folder, size, args.data_dir, 8), "train")  # prepare
     for k in cores:
-      for w in (int(x) for x in args.workers.split(",")):
+      readers = [(w, 0) for w in (int(x) for x in args.workers.split(","))] + [
+          (2, n) for n in (int(x) for x in args.processes.split(",")) if n <= 2 * k]
+      for w, n in readers:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--size", str(size),
-               "--cores", str(k), "--workers", str(w), "--batch", str(args.batch),
-               "--batches", str(args.batches), "--data-dir", args.data_dir]
+               "--cores", str(k), "--workers", str(w), "--processes", str(n),
+               "--batch", str(args.batch), "--batches", str(args.batches),
+               "--data-dir", args.data_dir]
         if args.folder:
           cmd += ["--folder", args.folder]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         line = (out.stdout.strip().splitlines() or ["{}"])[-1]
         r = json.loads(line) if line.startswith("{") else {"error": out.stderr[-500:]}
-        rows.append({"size": size, "cores": k, "workers": w, **r})
-        print(f"{size}x{size}  cores {k:2d}  threads {w:2d}  "
+        rows.append({"size": size, "cores": k, "threads": 0 if n else w, "processes": n, **r})
+        reader = f"{n:2d} processes" if n else f"{w:2d} threads  "
+        print(f"{size}x{size}  cores {k:2d}  {reader}  "
               f"{r.get('img_per_s', float('nan')):8.0f} img/s", flush=True)
   result = {"machine": {"cpus": ncpu, "cpu": _cpu_model()}, "batch": args.batch,
             "folder": args.folder or "cartoon_faces", "rows": rows, "time": time.time()}

@@ -34,6 +34,9 @@ def get_config():
   data.train_split = "train"
   data.eval_split = "test"
   data.num_workers = 8  # threads decoding images on each host
+  # > 0: decode in this many processes per host instead (scales with cores; threads are
+  # held back by Python's GIL: see benchmarks/input_pipeline.py). Same batches either way.
+  data.num_processes = 0
 
   config.model = model = ml_collections.ConfigDict()
   model.ch = 64  # base channel count

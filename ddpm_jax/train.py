@@ -238,7 +238,7 @@ def _train(config, workdir, mngr, lock, stop, is_main):
       source, t.batch_size, seed=t.seed, start_step=step, random_flip=config.data.random_flip,
       process_index=jax.process_index(), process_count=jax.process_count(),
       local_devices=jax.local_device_count(), num_workers=config.data.num_workers,
-      with_labels=model.num_classes > 0)
+      with_labels=model.num_classes > 0, num_processes=config.data.get("num_processes", 0))
   p_step = make_p_train_step(config, model, schedule, tx)
   state_r = parallel.replicate(state)
   writer = run_utils.MetricWriter(workdir, enabled=is_main)

@@ -47,6 +47,19 @@ def test_same_seed_and_step_give_the_same_batch_across_restarts(source):
   other.close()
 
 
+def test_reader_processes_give_the_same_batches_as_threads(source):
+  threads = input_pipeline.TrainBatches(source, 16, seed=3, local_devices=4, num_workers=2)
+  procs = input_pipeline.TrainBatches(source, 16, seed=3, local_devices=4, num_workers=2,
+                                      num_processes=2)
+  try:
+    assert procs._procs is not None  # really in worker processes
+    for _ in range(3):
+      np.testing.assert_array_equal(next(procs), next(threads))
+  finally:
+    threads.close()
+    procs.close()
+
+
 def test_process_shards_are_disjoint_and_cover_each_epoch(source):
   n, gb = len(source), 16
   shards = [input_pipeline.TrainBatches(source, gb, seed=1, process_index=p, process_count=2,
