@@ -227,7 +227,11 @@ _WORKER_SOURCE = None
 
 
 def _worker_open(spec: dict) -> None:
-  """In a reader process: open the records once."""
+  """In a reader process: open the records once. Stop signals are the trainer's to handle
+  (a Ctrl-C reaches the whole process group): the readers end when it closes the pool."""
+  import signal
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
   global _WORKER_SOURCE
   _WORKER_SOURCE = TfdsArraySource.from_spec(spec)
 
