@@ -44,6 +44,7 @@ def set_process_defaults() -> None:
 # Library warnings that say nothing a user can act on.
 _NOISE = (("tensorflow_datasets", "OpenCV is not installed"),
           ("tensorflow_datasets", "has no dataset_info.json"),
+          ("tensorflow_datasets", "Using custom data configuration"),
           ("orbax", "Given directory is read only"))
 
 
