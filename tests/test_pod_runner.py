@@ -1,0 +1,343 @@
+"""The pod runner's control flow against a fake ``gcloud`` that simulates a Spot slice.
+
+The fake (written into tmp_path, first on PATH) records every call, moves the queued resource
+through WAITING_FOR_RESOURCES -> ACTIVE, and preempts the slice while the first trainers run
+(SIGTERM to every process of the "VM", then its disk is gone). Commands sent over ``ssh`` run
+for real in bash with HOME set to a per-worker folder, so the detached wrapper, the status
+probe and ``stop`` are the shell code a TPU VM would run; only the install is simulated (it
+writes a fake ``.venv/bin/python`` that plays the trainer: it records its arguments, exits 0
+on SIGTERM like the real one after its checkpoint, and otherwise finishes or fails on cue).
+"""
+
+import json
+import os
+import signal
+import stat
+import sys
+import time
+
+import pytest
+
+from ddpm_jax import pod
+
+FAKE_GCLOUD = r'''#!PYTHON
+import json, os, shutil, signal, subprocess, sys, time
+
+D = os.environ["FAKE_GCLOUD_DIR"]
+STATE = os.path.join(D, "state.json")
+WORKERS = 2
+argv = sys.argv[1:]
+words = [a for a in argv if not a.startswith("--")]
+flags = dict(a[2:].split("=", 1) if "=" in a else (a[2:], True) for a in argv
+             if a.startswith("--"))
+st = json.load(open(STATE))
+
+def save():
+  json.dump(st, open(STATE, "w"))
+
+def event(name, **kw):
+  with open(os.path.join(D, "calls.log"), "a") as f:
+    f.write(json.dumps({"event": name, "argv": argv, **kw}) + "\n")
+
+def home(i):
+  return os.path.join(D, f"w{i}")
+
+def pids(i):
+  try:
+    return int(open(os.path.join(home(i), "ddpm_pod", "pid")).read())
+  except (OSError, ValueError):
+    return None
+
+def vm_dies(wipe=True):
+  """Preemption or deletion: SIGTERM to every process of each worker, then its disk is gone."""
+  for i in range(WORKERS):
+    p = pids(i)
+    if p is not None:
+      try:
+        os.killpg(os.getpgid(p), signal.SIGTERM)
+      except ProcessLookupError:
+        pass
+      rc = os.path.join(home(i), "ddpm_pod", "rc")
+      for _ in range(250):
+        if os.path.exists(rc):
+          break
+        time.sleep(0.02)
+    if wipe:
+      shutil.rmtree(home(i), ignore_errors=True)
+
+def not_found(what):
+  sys.stderr.write(f"ERROR: (gcloud) NOT_FOUND: {what} 'x' was not found\n")
+  sys.exit(1)
+
+def trainer_alive():
+  p = pids(0)
+  if p is None:
+    return False
+  try:
+    os.kill(p, 0)
+    return not os.path.exists(os.path.join(home(0), "ddpm_pod", "rc"))
+  except ProcessLookupError:
+    return False
+
+FAKE_TRAINER = """#!PYTHON
+import json, os, signal, sys, time
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+with open(%(log)r, "a") as f:
+  f.write(json.dumps({"gen": %(gen)d, "home": os.environ["HOME"], "argv": sys.argv[1:]}) + "\\n")
+deadline = time.time() + %(seconds)r
+while not stop and time.time() < deadline:
+  time.sleep(0.02)
+sys.exit(0 if stop else %(rc)d)
+"""
+
+group, verb = " ".join(words[:3]), words[3]
+if group == "compute tpus queued-resources":
+  if verb == "create":
+    st["gen"] += 1
+    st["qr"], st["node"], st["polls"], st["active_polls"] = "WAITING_FOR_RESOURCES", None, 0, 0
+    for i in range(WORKERS):
+      shutil.rmtree(home(i), ignore_errors=True)
+    event("create", spot="spot" in flags)
+  elif verb == "describe":
+    if st["qr"] is None:
+      not_found("queuedResource")
+    st["polls"] += 1
+    if st["qr"] == "WAITING_FOR_RESOURCES" and st["polls"] >= 2:
+      st["qr"], st["node"] = "ACTIVE", "READY"
+      for i in range(WORKERS):
+        os.makedirs(home(i), exist_ok=True)
+    elif st.get("flip_in"):  # "late": the SIGTERM came a poll before the state changed
+      st["flip_in"] -= 1
+      if not st["flip_in"]:
+        vm_dies()
+        st["qr"], st["node"] = "SUSPENDED", None
+    elif (st["qr"] == "ACTIVE" and st["gen"] == 1 and st["preempt"] and trainer_alive()):
+      st["active_polls"] += 1
+      if st["active_polls"] >= 2:
+        vm_dies(wipe=st["preempt"] != "late")
+        if st["preempt"] == "late":
+          st["flip_in"] = 1
+        elif st["preempt"] == "qr":
+          st["qr"], st["node"] = "SUSPENDED", None
+        else:
+          st["node"] = "PREEMPTED"
+        event("preempted", how=st["preempt"])
+    print(json.dumps({"name": words[4], "state": {"state": st["qr"]}}))
+  elif verb == "delete":
+    if st["qr"] is None:
+      not_found("queuedResource")
+    vm_dies()
+    st["qr"], st["node"] = None, None
+    event("delete", force="force" in flags)
+elif group == "compute tpus tpu-vm":
+  if verb == "describe":
+    if st["node"] is None:
+      not_found("node")
+    print(json.dumps({"name": words[4], "state": st["node"],
+                      "networkEndpoints": [{"ipAddress": f"10.0.0.{i}"} for i in range(WORKERS)]}))
+  elif verb == "delete":
+    st["node"] = None
+    event("delete-node")
+  elif verb == "ssh":
+    if st["node"] != "READY":
+      sys.stderr.write("ssh: connect to host: Connection refused\n")
+      sys.exit(255)
+    cmd = flags["command"]
+    targets = range(WORKERS) if flags["worker"] == "all" else [int(flags["worker"])]
+    kind = ("install" if "uv pip install" in cmd else "train" if "setsid nohup" in cmd
+            else "stop" if "stop_requested\"; p=" in cmd else "probe")
+    if kind != "probe":
+      event(kind, worker=flags["worker"])
+    rc = 0
+    for i in targets:
+      if kind == "install":
+        venv = os.path.join(home(i), "ddpm_jax", ".venv", "bin")
+        os.makedirs(venv, exist_ok=True)
+        py = os.path.join(venv, "python")
+        with open(py, "w") as f:
+          f.write(FAKE_TRAINER % dict(log=os.path.join(D, "trainer.log"), gen=st["gen"],
+                                      **st["trainer"][str(st["gen"])]))
+        os.chmod(py, 0o755)
+        print(f"DDPM_POD_WORKER installed jax 0.10.2")
+        continue
+      env = dict(os.environ, HOME=home(i), FAKE_HOST=f"worker-{i}")
+      r = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True,
+                         timeout=60)
+      sys.stdout.write(r.stdout)
+      sys.stderr.write(r.stderr)
+      rc = max(rc, r.returncode)
+    sys.exit(rc)
+save()
+'''
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path, monkeypatch):
+  """The fake's folder; ``configure(**state)`` sets the scenario before the runner starts.
+
+  ``preempt``: None; "qr" (the queued resource goes SUSPENDED and the node disappears);
+  "node" (the node goes PREEMPTED, the queued resource stays ACTIVE); "late" (the trainers
+  get the shutdown SIGTERM, save and exit 0 while the slice still looks ACTIVE for a poll).
+  """
+  d = tmp_path / "gcloud"
+  d.mkdir()
+  script = d / "gcloud"
+  script.write_text(FAKE_GCLOUD.replace("#!PYTHON", "#!" + sys.executable))
+  hostname = d / "hostname"
+  hostname.write_text("#!/bin/sh\necho \"${FAKE_HOST:-fake}\"\n")
+  for f in (script, hostname):
+    f.chmod(f.stat().st_mode | stat.S_IXUSR)
+  monkeypatch.setenv("PATH", f"{d}{os.pathsep}{os.environ['PATH']}")
+  monkeypatch.setenv("FAKE_GCLOUD_DIR", str(d))
+
+  def configure(**state):
+    base = {"qr": None, "node": None, "gen": 0, "polls": 0, "active_polls": 0, "preempt": None,
+            "trainer": {}}
+    (d / "state.json").write_text(json.dumps({**base, **state}))
+
+  configure()
+  yield d, configure
+  for pid_file in d.glob("w*/ddpm_pod/pid"):  # no trainer outlives the test
+    try:
+      os.killpg(os.getpgid(int(pid_file.read_text())), signal.SIGKILL)
+    except (ProcessLookupError, ValueError):
+      pass
+
+
+def events(d):
+  path = d / "calls.log"
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def trainer_starts(d):
+  path = d / "trainer.log"
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+COMMON = ["--name", "ddpm", "--zone", "us-central2-b", "--poll-seconds", "0"]
+TRAIN = ["--workdir", "gs://b/runs/x", "--config", "configs/tiny.py", "--",
+         "--config.training.num_train_steps=10"]
+ARGV = ["--workdir=gs://b/runs/x", "--config=configs/tiny.py",
+        "--config.training.num_train_steps=10"]
+
+
+@pytest.mark.parametrize("preempt", ["qr", "node", "late"])
+def test_run_recreates_a_preempted_slice_and_reruns_the_same_command(fake_gcloud, capsys,
+                                                                     preempt):
+  d, configure = fake_gcloud
+  configure(preempt=preempt, trainer={"1": {"seconds": 60.0, "rc": 0},   # runs until preempted
+                                      "2": {"seconds": 0.3, "rc": 0}})   # then finishes
+  t0 = time.time()
+  rc = pod.main(["run", *COMMON, "--accelerator-type", "v4-16", "--spot",
+                 "--repo", "https://example.com/ddpm_jax.git", *TRAIN])
+  out = capsys.readouterr().out
+  assert rc == 0, out
+  assert time.time() - t0 < 60
+  assert [e["event"] for e in events(d)] == [
+      "create", "install", "train", "preempted", "delete", "create", "install", "train"]
+  assert all(e["spot"] for e in events(d) if e["event"] == "create")
+  assert all(e["force"] for e in events(d) if e["event"] == "delete")
+  create = next(e["argv"] for e in events(d) if e["event"] == "create")
+  assert create[:5] == ["compute", "tpus", "queued-resources", "create", "ddpm"]
+  for flag in ("--node-id=ddpm", "--accelerator-type=v4-16",
+               "--runtime-version=tpu-ubuntu2204-base", "--spot", "--zone=us-central2-b"):
+    assert flag in create
+  assert "WAITING_FOR_RESOURCES" in out and "preempted" in out
+  assert out.index("slice lost") < out.index("training finished on every worker")
+  if preempt == "late":  # the trainers saved and exited 0 on the shutdown's SIGTERM: not finished
+    assert "exited 0 after a SIGTERM" in out
+  # The same training command on every worker, before and after the preemption.
+  starts = trainer_starts(d)
+  assert [(s["gen"], os.path.basename(s["home"])) for s in starts] == [
+      (1, "w0"), (1, "w1"), (2, "w0"), (2, "w1")]
+  assert all(s["argv"] == ["main.py", *ARGV] for s in starts)
+  # Each worker of the new slice recorded the trainer's exit: 0, no outside signal.
+  for w in ("w0", "w1"):
+    assert (d / w / "ddpm_pod" / "rc").read_text().strip() == "0"
+    assert not (d / w / "ddpm_pod" / "signalled").exists()
+
+  assert pod.main(["stop", *COMMON]) == 0
+  assert pod.main(["delete", *COMMON]) == 0
+  assert [e["event"] for e in events(d)][-2:] == ["stop", "delete"]
+  assert "no trainer running" in capsys.readouterr().out
+
+
+def test_stop_ends_the_trainers_and_watch_reports_it(fake_gcloud, capsys):
+  d, configure = fake_gcloud
+  configure(trainer={"1": {"seconds": 60.0, "rc": 0}})
+  assert pod.main(["up", *COMMON, "--repo", "https://example.com/ddpm_jax.git"]) == 0
+  assert pod.main(["train", *COMMON, *TRAIN]) == 0
+  assert pod.main(["train", *COMMON, *TRAIN]) == 0  # idempotent: no second trainer
+  assert "already running on worker-0, worker-1" in capsys.readouterr().out
+  assert pod.main(["status", *COMMON]) == 0
+  assert "worker-0: running" in capsys.readouterr().out
+  assert pod.main(["stop", *COMMON]) == 0
+  assert "SIGTERM to" in capsys.readouterr().out
+  assert pod.main(["watch", *COMMON, *TRAIN]) == 0
+  assert "stopped by `stop`" in capsys.readouterr().out
+  for w in ("w0", "w1"):  # the trainer itself got the SIGTERM and exited 0
+    assert (d / w / "ddpm_pod" / "rc").read_text().strip() == "0"
+    assert (d / w / "ddpm_pod" / "stop_requested").exists()
+  assert pod.main(["delete", *COMMON]) == 0
+  assert [e["event"] for e in events(d)] == [
+      "create", "install", "train", "train", "stop", "delete"]
+  assert len(trainer_starts(d)) == 2  # watch did not restart a stopped run
+
+
+def test_trainers_that_keep_failing_are_rerun_then_given_up(fake_gcloud, capsys):
+  d, configure = fake_gcloud
+  configure(trainer={"1": {"seconds": 0.0, "rc": 3}})
+  rc = pod.main(["run", *COMMON, "--max-restarts", "1", "--repo", "https://example.com/r.git",
+                 *TRAIN])
+  out = capsys.readouterr().out
+  assert rc == 1
+  assert "rerunning the training command (1/1)" in out and "giving up" in out
+  assert [e["event"] for e in events(d)] == ["create", "install", "train", "train"]
+  assert not any(e["event"] == "create" for e in events(d)[1:])  # not taken for a preemption
+
+
+def test_a_local_workdir_is_refused_before_anything_runs(fake_gcloud, capsys):
+  d, _ = fake_gcloud
+  assert pod.main(["run", *COMMON, "--repo", "r", "--workdir", "runs/x"]) == 1
+  assert "gs://" in capsys.readouterr().err
+  assert events(d) == []
+
+
+def test_the_wrapper_and_commands_are_plain_bash(tmp_path):
+  """The script a worker runs parses in bash (-n), with the training arguments quoted."""
+  import subprocess
+  a = pod.parse(["train", "--name", "n", "--zone", "z", "--workdir", "gs://b/r x",
+                 "--", "--config.data.folder=/a b"])
+  script = tmp_path / "run.sh"
+  script.write_text(pod.Pod(a).wrapper_script())
+  assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+  assert "'--workdir=gs://b/r x'" in script.read_text()
+
+
+def test_an_uneventful_run_deletes_the_slice_when_asked(fake_gcloud, capsys):
+  d, configure = fake_gcloud
+  configure(trainer={"1": {"seconds": 0.2, "rc": 0}})
+  assert pod.main(["run", *COMMON, "--delete-when-done", "--repo", "r", *TRAIN]) == 0
+  assert "training finished" in capsys.readouterr().out
+  assert [e["event"] for e in events(d)] == ["create", "install", "train", "delete"]
+
+
+def test_up_replaces_a_suspended_queued_resource(fake_gcloud):
+  d, configure = fake_gcloud
+  configure(qr="SUSPENDED", gen=1, trainer={"2": {"seconds": 0.2, "rc": 0}})
+  assert pod.main(["up", *COMMON, "--repo", "r"]) == 0
+  assert [e["event"] for e in events(d)] == ["delete", "create", "install"]
+
+
+def test_the_runner_needs_only_the_standard_library():
+  """It runs on a laptop's Python (3.8+) without the project's dependencies."""
+  import ast
+  import subprocess
+  with open(pod.__file__) as f:
+    ast.parse(f.read(), feature_version=(3, 8))
+  code = ("import sys, ddpm_jax.pod; bad = {'jax', 'numpy'} & set(sys.modules); "
+          "sys.exit(str(bad) if bad else 0)")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                     cwd=os.path.dirname(os.path.dirname(pod.__file__)))
+  assert r.returncode == 0, r.stderr
