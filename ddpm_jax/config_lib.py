@@ -2,10 +2,46 @@
 
 from __future__ import annotations
 
+import functools
+
 from ddpm_jax import diffusion, sampling
 from ddpm_jax.errors import ConfigError
 
-__all__ = ["ConfigError", "validate", "check_compatible", "fill_missing"]
+__all__ = ["ConfigError", "validate", "check_compatible", "fill_missing", "defaults", "setting",
+           "with_defaults"]
+
+
+@functools.lru_cache(maxsize=1)
+def _default_config():
+  from configs import default  # the one source of defaults (shipped with the package)
+  return default.get_config()
+
+
+def defaults():
+  """A fresh copy of ``configs/default.py``'s config: every field and its default."""
+  return _default_config().copy_and_resolve_references()
+
+
+def setting(config, path: str):
+  """``config``'s value at the dotted ``path`` ("sampling.guidance_scale"), or
+  ``configs/default.py``'s where ``config`` lacks the field (a config saved by an older
+  version). Code reads optional fields through this, never with a default of its own."""
+  node = config
+  for key in path.split("."):
+    if key not in node:
+      node = _default_config()
+      for k in path.split("."):
+        node = node[k]
+      return node
+    node = node[key]
+  return node
+
+
+def with_defaults(config):
+  """A copy of ``config`` with the fields it lacks taken from ``configs/default.py``."""
+  out = config.copy_and_resolve_references()
+  fill_missing(out, defaults())  # a fresh copy: nothing of the shared one is handed out
+  return out
 
 
 def feature_map_sizes(image_size: int, num_levels: int) -> list[int]:
@@ -31,7 +67,7 @@ def validate(config, num_devices: int = 1) -> None:
     if (m.ch * mult) % m.num_groups:
       raise ConfigError(f"model.ch * ch_mult = {m.ch * mult} is not divisible by "
                         f"model.num_groups={m.num_groups}")
-  if m.get("dtype", "float32") not in ("float32", "bfloat16"):
+  if setting(config, "model.dtype") not in ("float32", "bfloat16"):
     raise ConfigError(f"model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
   if m.prediction_type not in diffusion.PREDICTION_TYPES:
     raise ConfigError(f"model.prediction_type={m.prediction_type!r}: use one of "
@@ -61,8 +97,7 @@ def validate(config, num_devices: int = 1) -> None:
     raise ConfigError(f"optim.optimizer={o.optimizer!r}: use 'adam' or 'adamw'")
   if o.lr_schedule not in ("constant", "cosine"):
     raise ConfigError(f"optim.lr_schedule={o.lr_schedule!r}: use 'constant' or 'cosine'")
-  if s.sampler not in sampling.SAMPLERS + ("dpm_solver_pp",):
-    raise ConfigError(f"unknown sampling.sampler={s.sampler!r}: use one of {sampling.SAMPLERS}")
+  sampling.canonical_sampler(s.sampler)  # ConfigError for an unknown name
   spacings = (sampling.AUTO_SPACING,) + sampling.SPACINGS
   if s.spacing not in spacings:
     raise ConfigError(f"unknown sampling.spacing={s.spacing!r}: use one of {spacings}")
@@ -78,22 +113,26 @@ def validate(config, num_devices: int = 1) -> None:
 
 
 def _validate_generation(config) -> None:
-  m, s, t = config.model, config.sampling, config.training
-  if m.get("num_classes", 0) < 0:
+  if setting(config, "model.num_classes") < 0:
     raise ConfigError("model.num_classes must be >= 0 (0 = unconditional)")
   for field, allowed in (("time_conditioning", ("add", "scale_shift")),
                          ("attention", ("softmax", "linear")), ("resample", ("conv", "pool"))):
-    if m.get(field, allowed[0]) not in allowed:
-      raise ConfigError(f"model.{field}={m[field]!r}: use one of {allowed}")
-  if not 0.0 <= t.get("label_dropout", 0.0) < 1.0:
-    raise ConfigError(f"training.label_dropout={t.label_dropout} must be in [0, 1)")
-  if s.get("guidance_scale", 1.0) < 0:
-    raise ConfigError(f"sampling.guidance_scale={s.guidance_scale} must be >= 0 (0: "
+    value = setting(config, f"model.{field}")
+    if value not in allowed:
+      raise ConfigError(f"model.{field}={value!r}: use one of {allowed}")
+  label_dropout = setting(config, "training.label_dropout")
+  if not 0.0 <= label_dropout < 1.0:
+    raise ConfigError(f"training.label_dropout={label_dropout} must be in [0, 1)")
+  guidance_scale = setting(config, "sampling.guidance_scale")
+  if guidance_scale < 0:
+    raise ConfigError(f"sampling.guidance_scale={guidance_scale} must be >= 0 (0: "
                       f"unconditional, 1: conditional, > 1: guided)")
-  if s.get("resample_steps", 1) < 1:
-    raise ConfigError(f"sampling.resample_steps={s.resample_steps} must be >= 1")
-  if not 0.0 < s.get("strength", 0.5) <= 1.0:
-    raise ConfigError(f"sampling.strength={s.strength} must be in (0, 1]")
+  resample_steps = setting(config, "sampling.resample_steps")
+  if resample_steps < 1:
+    raise ConfigError(f"sampling.resample_steps={resample_steps} must be >= 1")
+  strength = setting(config, "sampling.strength")
+  if not 0.0 < strength <= 1.0:
+    raise ConfigError(f"sampling.strength={strength} must be in (0, 1]")
 
 
 # Fields that fix the shapes and meaning of the parameters in a checkpoint.

@@ -1,7 +1,9 @@
 """Evaluation of a workdir: ``python main.py --mode=eval --workdir DIR``.
 
 For each evaluated checkpoint (``eval.checkpoints``: latest, all, or a list of steps)
-it writes ``<workdir>/eval/<step>.json`` (``<step>_<eval.name>.json`` when named),
+it writes ``<workdir>/eval/<step>.json`` (``<step>_<eval.name>.json`` when named; a
+report of the same checkpoint made with other settings is kept, and the new one goes to
+``<step>-2.json``, ...; "settings" in each report says what made it),
 TensorBoard scalars under ``<workdir>/tensorboard/eval``, and prints a short table.
 
 Held-out likelihood:
@@ -59,6 +61,7 @@ from ddpm_jax import (
   validation,
 )
 from ddpm_jax.errors import ConfigError, NoCheckpointError
+from ddpm_jax.sample import unclaimed
 
 
 def strata(T: int, k: int) -> np.ndarray:
@@ -297,11 +300,22 @@ def bound_report(config, schedule, term, params, heldout: list, step: int) -> di
   }
 
 
+def eval_settings(config, step: int) -> dict:
+  """Every setting an eval report depends on (JSON-ready): the checkpoint step, the eval
+  and sampling sections (samples are drawn with the latter), data and diffusion."""
+  return json.loads(json.dumps({
+      "checkpoint_step": int(step), "eval": config.eval.to_dict(),
+      "sampling": config.sampling.to_dict(), "diffusion": config.diffusion.to_dict(),
+      "data": {k: config.data[k] for k in ("dataset", "eval_split", "image_size")}}))
+
+
 def _write(config, workdir, report, samples_u8, ref, nearest, writer) -> None:
   """Process 0: <step>.json, <step>_samples.png, <step>_nearest.png, scalars, the table."""
   name = config.eval.name
   step = report["step"]
-  stem = fs.join(workdir, "eval", f"{step}_{name}" if name else f"{step}")
+  base = fs.join(workdir, "eval", f"{step}_{name}" if name else f"{step}")
+  stem = unclaimed(lambda k: base if k == 1 else f"{base}-{k}", lambda p: f"{p}.json",
+                   report["settings"])
   if ref is not None:
     _save_nearest(f"{stem}_nearest.png", samples_u8, ref.train_u8, *nearest)
     images.save_png(f"{stem}_samples.png", images.make_grid(samples_u8[:64]),
@@ -342,6 +356,7 @@ def evaluate(config, workdir: str) -> list[dict]:
         continue  # an unreadable one of several: set aside, with a warning
       # The bound reuses the held-out batches ValidationLoss holds.
       report = bound_report(config, schedule, term, params, val_loss.batches, step)
+      report["settings"] = eval_settings(config, step)
       report["val_loss_per_t_bucket"] = {n: v for n, v in val_loss(params).items() if n != "all"}
       samples_u8 = nearest = None
       if ref is None:

@@ -1,9 +1,13 @@
 """Generation from a trained model: the compiled, pmapped ``Sampler``, the global sampling
 loop ``generate`` that every process runs, and ``load_params`` from a workdir.
 
-Each sample's starting noise is ``normal(fold_in(key(seed), i))`` for sample index
-``i``, so the same seed gives the same images whatever the batch size, device or
-process count (exactly so for the deterministic samplers).
+Keys: sample ``i``'s starting noise is ``normal(fold_in(key(seed), i))``, a function of
+(seed, i) alone. The noise a stochastic sampler (DDPM, DDIM with eta > 0) adds on the
+way comes from ``fold_in(fold_in(key(seed + 1), batch), device)`` (``batch``: the global
+batch number in ``generate``, the first index of the batch in ``Sampler.run``), drawn
+for the device's whole slice. So the deterministic samplers (DDIM with eta = 0,
+DPM-Solver++) give the same images for a seed whatever the batch size, device or
+process count; the stochastic ones do for a fixed batch size and device count.
 """
 
 from __future__ import annotations
@@ -15,7 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax import diffusion, fs, images, models, parallel, progress, sampling, state
+from ddpm_jax import (
+  config_lib,
+  diffusion,
+  fs,
+  images,
+  models,
+  parallel,
+  progress,
+  sampling,
+  state,
+)
 from ddpm_jax.errors import ConfigError, NoCheckpointError
 
 
@@ -33,6 +47,13 @@ def make_eps_fn(config, model, schedule, params, labels=None, guidance_scale: fl
   return sampling.guided_eps_fn(eps_of, labels, model.num_classes, guidance_scale)
 
 
+def steps_from(num_steps: int, t_start: int, num_timesteps: int) -> int:
+  """Steps of a respaced sampler that starts at ``t_start`` (image-to-image): the density of
+  ``num_steps`` over all T, over the shorter way [0, t_start]; at least one, so the model
+  always sees the input at t_start."""
+  return max(1, min(t_start + 1, round(num_steps * (t_start + 1) / num_timesteps)))
+
+
 class Sampler:
   """A compiled, pmapped sampler for one config; reused across batches and parameters.
 
@@ -48,16 +69,17 @@ class Sampler:
     self.model, self.t_start = model, t_start
     self.shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     num_steps = s.num_steps
-    if t_start is not None:  # the same density of steps over the shorter way
-      num_steps = max(1, min(t_start + 1, round(s.num_steps * (t_start + 1)
-                                                / schedule.num_timesteps)))
+    if t_start is not None:
+      num_steps = steps_from(s.num_steps, t_start, schedule.num_timesteps)
     self.num_steps = num_steps
-    resample = int(s.get("resample_steps", 1)) if inpaint else 1
+    resample = int(config_lib.setting(config, "sampling.resample_steps")) if inpaint else 1
+    if inpaint:
+      sampling.check_resampling(s.sampler, resample)
+    guidance_scale = config_lib.setting(config, "sampling.guidance_scale")
 
     def sample_fn(params, x_T, key, labels, known, mask):
       key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS))
-      eps_fn = make_eps_fn(config, model, schedule, params, labels,
-                           s.get("guidance_scale", 1.0))
+      eps_fn = make_eps_fn(config, model, schedule, params, labels, guidance_scale)
       return sampling.sample(s.sampler, eps_fn, schedule, x_T, key, num_steps=num_steps,
                              eta=s.eta, spacing=s.spacing, variance=s.ddpm_variance,
                              clip_x0=s.clip_x0, num_frames=num_frames, t_start=t_start,
@@ -189,12 +211,13 @@ def load_params(config, workdir: str, step: int | None = None):
   mngr = ckpt_lib.make_manager(workdir, read_only=True, async_save=False)
   template = state.abstract_train_state(config)
   restored, step = ckpt_lib.restore_newest(mngr, workdir, template,
-                                           None if step is None else [step])
+                                           None if step is None else [step],
+                                           parts=("params", "ema_params"))
   if restored is None:
     raise NoCheckpointError(f"no readable checkpoint in {ckpt_lib.checkpoint_dir(workdir)!r}: "
                             f"train first with `python main.py --config CONFIG --workdir "
                             f"{workdir}`")
-  return (restored.ema_params if config.sampling.use_ema else restored.params), step
+  return restored["ema_params" if config.sampling.use_ema else "params"], step
 
 
 def generate(config, sampler: Sampler, params, num: int, first_sampler: Sampler | None = None,
@@ -205,7 +228,8 @@ def generate(config, sampler: Sampler, params, num: int, first_sampler: Sampler 
 
   ``labels`` (length ``num``) conditions labelled models. ``first_sampler`` (one that
   records frames) draws the first batch; its frames are returned too (None otherwise).
-  Sample i depends only on (seed, i) (and its label).
+  Sample i's starting noise depends only on (seed, i); see the module docstring for the
+  noise of stochastic samplers.
   """
   s = config.sampling
   seed = s.seed if seed is None else seed

@@ -268,16 +268,46 @@ class _Unpickler(pickle.Unpickler):
     return self.storages[key]
 
 
+class _PlainUnpickler(pickle.Unpickler):
+  """For the legacy format's header objects (magic number, protocol, sys info, storage
+  keys): plain numbers, strings, tuples, lists and dicts only; any class is refused."""
+
+  def find_class(self, module, name):
+    raise WeightsError(f"unexpected object {module}.{name} in the weights file's header")
+
+  def persistent_load(self, pid):
+    raise WeightsError(f"unexpected persistent id {pid!r} in the weights file's header")
+
+
 def _unpickle(f) -> tuple[object, dict]:
   up = _Unpickler(f)
   up.storages = {}
   return up.load(), up.storages
 
 
+def _plain(f):
+  return _PlainUnpickler(f).load()
+
+
 def read_torch_file(path: str) -> dict[str, np.ndarray]:
   """A torch-saved state dict (``torch.save(model.state_dict(), path)``) as numpy arrays,
-  without torch. Supports the zip format (torch >= 1.6) and the legacy stream."""
+  without torch. Supports the zip format (torch >= 1.6) and the legacy stream.
+
+  Every pickled object, the legacy header's too, is read by a restricted unpickler that
+  builds only a state dict of tensors: a file that asks for anything else (a call to
+  ``os.system``, say) is a ``WeightsError`` and nothing in it runs.
+  """
   raw = fs.read_bytes(path)
+  try:
+    return _read_torch_bytes(raw, path)
+  except WeightsError:
+    raise
+  except Exception as e:  # noqa: BLE001  (truncated or malformed: pickle, zip, numpy errors)
+    raise WeightsError(f"{path}: not a readable torch weights file ({type(e).__name__}: "
+                       f"{str(e)[:100]})") from None
+
+
+def _read_torch_bytes(raw: bytes, path: str) -> dict[str, np.ndarray]:
   if zipfile.is_zipfile(io.BytesIO(raw)):
     with zipfile.ZipFile(io.BytesIO(raw)) as z:
       names = z.namelist()
@@ -291,17 +321,19 @@ def read_torch_file(path: str) -> dict[str, np.ndarray]:
   else:
     f = io.BytesIO(raw)
     try:
-      magic = pickle.load(f)
+      magic = _plain(f)
+    except WeightsError:
+      raise
     except Exception as e:
       raise WeightsError(f"{path}: not a torch weights file ({e})") from None
     if magic != _LEGACY_MAGIC:
       raise WeightsError(f"{path}: not a torch weights file (bad magic number)")
-    pickle.load(f)  # protocol version
-    sys_info = pickle.load(f)
-    if not sys_info.get("little_endian", True):
-      raise WeightsError(f"{path}: big-endian torch files are not supported")
+    _plain(f)  # protocol version
+    sys_info = _plain(f)
+    if not isinstance(sys_info, dict) or not sys_info.get("little_endian", True):
+      raise WeightsError(f"{path}: big-endian or unknown torch files are not supported")
     obj, storages = _unpickle(f)
-    keys = pickle.load(f)
+    keys = _plain(f)
     for key in keys:
       s = storages[str(key)]
       n = int(np.frombuffer(f.read(8), "<i8")[0])

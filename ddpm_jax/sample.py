@@ -12,6 +12,8 @@ writes the files into ``<workdir>/samples/<name>/`` (local or ``gs://``).
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 
 import jax
@@ -36,35 +38,96 @@ from ddpm_jax.generate import Sampler, load_params
 MASKS = ("center", "left", "strokes")
 
 
+SETTINGS_FILE = "sampling.json"  # in every output folder: what made it (see settings_report)
+
+
 def default_name(config, step: int) -> str:
   s = config.sampling
   steps = config.diffusion.num_timesteps if s.sampler == "ddpm" else s.num_steps
   eta = f"_eta{s.eta:g}" if s.sampler == "ddim" else ""
-  guide = f"_w{s.guidance_scale:g}" if config.model.get("num_classes", 0) else ""
+  guide = f"_w{s.guidance_scale:g}" if config.model.num_classes else ""
   return f"step{step}_{s.sampler}{steps}{eta}{guide}_seed{s.seed}"
 
 
-def _setup(config, workdir, what):
-  """Validated config -> (params, model, schedule, output folder of this mode, step)."""
+def mode_config(config, mode: str, **forced):
+  """The config a mode runs with: a copy of ``config`` (the caller's is left alone) with
+  the fields it lacks from ``configs/default.py``, the sampler's canonical name, and the
+  ``sampling`` fields the mode needs (``forced``); each forced value that differs from
+  the user's is said once."""
+  config = config_lib.with_defaults(config)
+  s = config.sampling
+  s.sampler = sampling.canonical_sampler(s.sampler)
+  for field, value in forced.items():
+    if s[field] != value:
+      if parallel.is_main():
+        logging.info("--mode=%s uses sampling.%s=%r (the config has %r)", mode, field, value,
+                     s[field])
+      s[field] = value
+  return config
+
+
+def unclaimed(candidate, record_of, settings: dict) -> str:
+  """``candidate(1)``, or ``candidate(2)``, ...: the first output path that is new or was
+  written with the same ``settings`` (its record ``record_of(path)`` says so), so that
+  earlier results made with other settings are never overwritten."""
+  want = json.loads(json.dumps(settings))
+  for k in itertools.count(1):
+    path = candidate(k)
+    record = record_of(path)
+    if not fs.exists(record) and not fs.exists(path):
+      break
+    if fs.exists(record):
+      try:
+        if json.loads(fs.read_text(record)).get("settings") == want:
+          break
+      except (ValueError, AttributeError):  # unreadable or not ours: leave it alone
+        pass
+  if k > 1 and parallel.is_main():
+    logging.warning("%s holds results made with other settings: writing to %s instead",
+                    candidate(1), path)
+  return path
+
+
+def all_settings(config, step: int, mode: str, **extra) -> dict:
+  """Every setting a mode's output depends on: the checkpoint step, the mode, the whole
+  ``sampling`` section and the diffusion schedule (plus ``extra``)."""
+  return {"mode": mode, "checkpoint_step": int(step), "sampling": config.sampling.to_dict(),
+          "diffusion": config.diffusion.to_dict(), **extra}
+
+
+def _setup(config, workdir, what, mode, **extra):
+  """Validated config -> (params, model, schedule, output folder of this mode, step).
+
+  The folder is ``<workdir>/samples/<name>``, or ``<name>-2``, ... where ``<name>`` holds
+  results made with other settings (``unclaimed``)."""
   config_lib.validate(config, jax.device_count())
   params, step = load_params(config, workdir)
   model = models.create_model(config)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   name = config.sampling.name or "_".join(filter(None, [what, default_name(config, step)]))
-  return params, model, schedule, fs.join(fs.normalize(workdir), "samples", name), step
+  base = fs.join(fs.normalize(workdir), "samples", name)
+  out_dir = unclaimed(lambda k: base if k == 1 else f"{base}-{k}",
+                      lambda d: fs.join(d, SETTINGS_FILE),
+                      all_settings(config, step, mode, **extra))
+  return params, model, schedule, out_dir, step
 
 
-def settings_report(config, sampler: Sampler, step: int, labels=None, names=()) -> dict:
-  """What produced a folder of samples: checkpoint step, sampler, the timesteps it used."""
+def settings_report(config, sampler: Sampler | None, step: int, mode: str, labels=None,
+                    names=(), **extra) -> dict:
+  """What produced a folder of samples: checkpoint step, sampler, the number of model
+  calls per sample and the timesteps it used (DDPM: every step it takes), and under
+  "settings" every setting (``all_settings``)."""
   s = config.sampling
   report = {"checkpoint_step": int(step), "sampler": s.sampler,
-            "num_steps": int(sampler.num_steps),
             "spacing": sampling.resolve_spacing(s.sampler, s.spacing), "eta": float(s.eta),
-            "clip_x0": bool(s.clip_x0), "seed": int(s.seed), "use_ema": bool(s.use_ema),
-            "timesteps": sampler.timesteps().tolist()}
+            "clip_x0": bool(s.clip_x0), "seed": int(s.seed), "use_ema": bool(s.use_ema)}
+  if sampler is not None:
+    timesteps = sampler.timesteps().tolist()
+    report.update(num_steps=len(timesteps), timesteps=timesteps)
   if labels is not None:
     report.update(guidance_scale=float(s.guidance_scale), classes=list(names),
                   labels=[names[i] for i in labels])
+  report["settings"] = json.loads(json.dumps(all_settings(config, step, mode, **extra)))
   return report
 
 
@@ -84,8 +147,9 @@ def sample_and_save(config, workdir: str) -> str:
   sampling.json, and, with ``sampling.num_frames``, denoise.gif (x_t over the
   trajectory) and denoise_x0.gif (predicted x0). Returns the output folder.
   """
+  config = mode_config(config, "sample")
   s = config.sampling
-  params, model, schedule, out_dir, step = _setup(config, workdir, "")
+  params, model, schedule, out_dir, step = _setup(config, workdir, "", "sample")
   labels, names = _labels(config, model, workdir, s.num_samples)
   sampler = Sampler(config, model, schedule)
   gif_sampler = Sampler(config, model, schedule, num_frames=s.num_frames) if s.num_frames else None
@@ -102,8 +166,8 @@ def sample_and_save(config, workdir: str) -> str:
       images.save_png(fs.join(out_dir, "images", f"{i:05d}.png"), img)
     extra = {} if labels is None else {"labels": labels}
     fs.save_npz(fs.join(out_dir, "samples.npz"), images=u8, samples=x, **extra)
-    fs.write_json(fs.join(out_dir, "sampling.json"),
-                  settings_report(config, sampler, step, labels, names))
+    fs.write_json(fs.join(out_dir, SETTINGS_FILE),
+                  settings_report(config, sampler, step, "sample", labels, names))
     if frames is not None:
       n = min(len(u8), 16, frames.shape[2])
       for which, name in ((0, "denoise.gif"), (1, "denoise_x0.gif")):
@@ -138,8 +202,10 @@ def interpolate_and_save(config, workdir: str, num_pairs: int = 4, num_points: i
   Writes strip.png (one row per pair, ``num_points`` columns from seed A to seed B)
   and interpolation.gif (the rows moving from A to B and back).
   """
-  config.sampling.eta = 0.0
-  params, model, schedule, out_dir, _ = _setup(config, workdir, "interpolate")
+  config = mode_config(config, "interpolate", eta=0.0)
+  extra = dict(num_pairs=num_pairs, num_points=num_points)
+  params, model, schedule, out_dir, step = _setup(config, workdir, "interpolate", "interpolate",
+                                                  **extra)
   sampler = Sampler(config, model, schedule)
   seed = config.sampling.seed
   a = sampler.noise(seed, np.arange(num_pairs))
@@ -151,6 +217,8 @@ def interpolate_and_save(config, workdir: str, num_pairs: int = 4, num_points: i
   if parallel.is_main():
     _save_strips(out_dir, images.to_uint8(x), num_pairs, num_points,
                  images.display_scale(config.data.image_size), weights=w)
+    fs.write_json(fs.join(out_dir, SETTINGS_FILE),
+                  settings_report(config, sampler, step, "interpolate", **extra))
   return out_dir
 
 
@@ -161,9 +229,8 @@ def reconstruct_and_save(config, workdir: str) -> str:
   reconstructions.png, error.png (|difference|, amplified 4x) and error.json (mean
   squared error and PSNR in [0, 255] units, the number of steps and images).
   """
-  config.sampling.eta = 0.0
-  config.sampling.sampler = "ddim"
-  params, model, schedule, out_dir, _ = _setup(config, workdir, "reconstruct")
+  config = mode_config(config, "reconstruct", eta=0.0, sampler="ddim")
+  params, model, schedule, out_dir, step = _setup(config, workdir, "reconstruct", "reconstruct")
   source = input_pipeline.get_source(config, config.data.eval_split)
   x0 = np.concatenate(list(input_pipeline.eval_batches(source, 64, config.sampling.num_samples)))
   sampler = Sampler(config, model, schedule)
@@ -180,6 +247,8 @@ def reconstruct_and_save(config, workdir: str) -> str:
     for name, arr in (("originals", orig_u8), ("reconstructions", rec_u8), ("error", err)):
       images.save_png(fs.join(out_dir, f"{name}.png"), images.make_grid(arr), scale=scale)
     fs.write_json(fs.join(out_dir, "error.json"), report)
+    fs.write_json(fs.join(out_dir, SETTINGS_FILE),
+                  settings_report(config, sampler, step, "reconstruct"))
     logging.info("reconstruction with %d steps: PSNR %.2f dB", report["num_steps"],
                  report["psnr_db"])
   return out_dir
@@ -243,7 +312,7 @@ def load_masks(config, files: list[str]) -> np.ndarray:
   """(N, S, S, 1) 0/1 masks, 1 = keep: a file per input in ``sampling.mask_dir`` (same file
   name, any image format, white = keep) or the built-in ``sampling.mask``."""
   s, size = config.sampling, config.data.image_size
-  if not s.get("mask_dir"):
+  if not s.mask_dir:
     return np.stack([builtin_mask(s.mask, size, s.seed + i) for i in range(len(files))])[..., None]
   masks = []
   for f in files:
@@ -274,12 +343,11 @@ def inpaint_and_save(config, workdir: str) -> str:
   input's. Writes originals.png, masked.png (unknown region grey), results.png,
   grid.png (a row each: original, masked, result), images/NNNNN.png and inpaint.npz.
   """
+  config = mode_config(config, "inpaint")
   s = config.sampling
-  if s.sampler == "dpm_solver++" and s.get("resample_steps", 1) > 1:
-    raise ConfigError("sampling.sampler=dpm_solver++ is multistep: inpainting with it needs "
-                      "--config.sampling.resample_steps=1 (or use ddpm or ddim)")
+  sampling.check_resampling(s.sampler, s.resample_steps)
   files = input_files(s.inputs)
-  params, model, schedule, out_dir, step = _setup(config, workdir, "inpaint")
+  params, model, schedule, out_dir, step = _setup(config, workdir, "inpaint", "inpaint")
   orig = load_inputs(files, config.data.image_size)
   mask = np.broadcast_to(load_masks(config, files), orig.shape[:3] + (1,)).astype(np.float32)
   labels, names = _labels(config, model, workdir, len(orig))
@@ -304,10 +372,9 @@ def inpaint_and_save(config, workdir: str) -> str:
     extra = {} if labels is None else {"labels": labels}
     fs.save_npz(fs.join(out_dir, "inpaint.npz"), originals=orig, masks=mask[..., 0] > 0.5,
                 results=res_u8, samples=result, **extra)
-    report = settings_report(config, sampler, step, labels, names)
-    report.update(inputs=files, mask=s.mask_dir or s.mask,
-                  resample_steps=int(s.get("resample_steps", 1)))
-    fs.write_json(fs.join(out_dir, "sampling.json"), report)
+    report = settings_report(config, sampler, step, "inpaint", labels, names)
+    report.update(inputs=files, mask=s.mask_dir or s.mask, resample_steps=int(s.resample_steps))
+    fs.write_json(fs.join(out_dir, SETTINGS_FILE), report)
     logging.info("inpainted %d images into %s", len(orig), out_dir)
   return out_dir
 
@@ -323,9 +390,11 @@ def img2img_and_save(config, workdir: str) -> str:
   over [0, t]). Strength 1 is sampling from noise; small strengths stay close to the
   input. Writes inputs.png, results.png, strip.png (input above result) and img2img.npz.
   """
+  config = mode_config(config, "img2img")
   s = config.sampling
   files = input_files(s.inputs)
-  params, model, schedule, out_dir, step = _setup(config, workdir, f"img2img{s.strength:g}")
+  params, model, schedule, out_dir, step = _setup(config, workdir, f"img2img{s.strength:g}",
+                                                  "img2img")
   orig = load_inputs(files, config.data.image_size)
   labels, names = _labels(config, model, workdir, len(orig))
   t = t_start_of(s.strength, schedule.num_timesteps)
@@ -346,9 +415,9 @@ def img2img_and_save(config, workdir: str) -> str:
     extra = {} if labels is None else {"labels": labels}
     fs.save_npz(fs.join(out_dir, "img2img.npz"), inputs=orig, results=res_u8, samples=result,
                 **extra)
-    report = settings_report(config, sampler, step, labels, names)
+    report = settings_report(config, sampler, step, "img2img", labels, names)
     report.update(inputs=files, strength=float(s.strength), t_start=t)
-    fs.write_json(fs.join(out_dir, "sampling.json"), report)
+    fs.write_json(fs.join(out_dir, SETTINGS_FILE), report)
     logging.info("img2img of %d images (t = %d) into %s", len(orig), t, out_dir)
   return out_dir
 
@@ -357,15 +426,15 @@ def interpolate_images_and_save(config, workdir: str, num_points: int = 9) -> st
   """Interpolation between real images: inputs (``sampling.inputs``) are taken in pairs,
   DDIM-inverted to noise, the noises slerped, and each point decoded with deterministic
   DDIM. Writes strip.png (a row per pair), interpolation.gif and interpolation.npz."""
-  config.sampling.eta = 0.0
-  config.sampling.sampler = "ddim"
+  config = mode_config(config, "interpolate_images", eta=0.0, sampler="ddim")
   files = input_files(config.sampling.inputs)
   if len(files) < 2:
     raise InputError("interpolate_images needs at least two input images (taken in pairs)")
   if len(files) % 2:
     logging.warning("an odd number of inputs: %s is not used", files[-1])
     files = files[:-1]
-  params, model, schedule, out_dir, _ = _setup(config, workdir, "interpolate_images")
+  params, model, schedule, out_dir, step = _setup(config, workdir, "interpolate_images",
+                                                  "interpolate_images", num_points=num_points)
   orig = load_inputs(files, config.data.image_size)
   labels, _ = _labels(config, model, workdir, len(orig))
   sampler = Sampler(config, model, schedule)
@@ -376,6 +445,10 @@ def interpolate_images_and_save(config, workdir: str, num_points: int = 9) -> st
   if parallel.is_main():
     _save_strips(out_dir, images.to_uint8(x), len(files) // 2, num_points,
                  images.display_scale(config.data.image_size), weights=w, inputs=orig)
+    report = settings_report(config, sampler, step, "interpolate_images",
+                             num_points=num_points)
+    report.update(inputs=files)
+    fs.write_json(fs.join(out_dir, SETTINGS_FILE), report)
   return out_dir
 
 

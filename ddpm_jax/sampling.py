@@ -9,7 +9,7 @@ from an intermediate timestep (image-to-image) and keep known pixels (inpainting
 ``eps_fn`` is a static argument of the jitted samplers: pass the same function
 object to reuse the compiled sampler. To sample from a model with changing
 parameters without re-tracing, call the sampler inside your own ``jit``/``pmap``
-with the parameters as an argument (see ``ddpm_jax.sample``).
+with the parameters as an argument (see ``ddpm_jax.generate.Sampler``).
 """
 
 from __future__ import annotations
@@ -22,45 +22,69 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion
+from ddpm_jax.errors import ConfigError
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")
 AUTO_SPACING = "auto"  # uniform for DDPM/DDIM, logsnr for DPM-Solver++
 SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
+ALIASES = {"dpm_solver_pp": "dpm_solver++"}  # names accepted for SAMPLERS (shell-friendly)
+
+
+def canonical_sampler(name: str) -> str:
+  """The sampler's name in SAMPLERS (``dpm_solver_pp`` is ``dpm_solver++``); the one place
+  that knows the aliases. Raises ConfigError for an unknown name."""
+  name = ALIASES.get(name, name)
+  if name not in SAMPLERS:
+    raise ConfigError(f"unknown sampling.sampler={name!r}: use one of {SAMPLERS}")
+  return name
+
+
+def check_resampling(sampler: str, resample_steps: int) -> None:
+  """RePaint resampling needs a one-step sampler: ConfigError for DPM-Solver++ (multistep)."""
+  if canonical_sampler(sampler) == "dpm_solver++" and resample_steps != 1:
+    raise ConfigError("sampling.sampler=dpm_solver++ is multistep: inpainting with it needs "
+                      "--config.sampling.resample_steps=1 (or use the ddpm or ddim sampler "
+                      "for RePaint resampling)")
 
 
 def timestep_sequence(num_timesteps: int, num_steps: int, spacing: str = "uniform",
                       alphas_cumprod: np.ndarray | None = None) -> np.ndarray:
   """Decreasing distinct timesteps in [0, T) at which a respaced sampler calls the model.
 
-  uniform: ``linspace(0, T-1, S)`` rounded; the first call sees pure noise (t=T-1)
-    and the last t=0.
-  trailing: ``round(arange(T, 0, -T/S)) - 1`` (Lin et al. 2024); also starts at T-1.
-  quadratic: DDIM's ``(linspace(0, sqrt(0.8 T), S) ** 2)`` for small images.
+  Every spacing starts at T-1 (the level of the sampler's input: pure noise, or the
+  noised image of image-to-image), for every ``num_steps`` >= 1; a single step is T-1
+  alone.
+  uniform: ``linspace(0, T-1, S)`` rounded, ending at t=0.
+  trailing: ``round(arange(T, 0, -T/S)) - 1`` (Lin et al. 2024).
+  quadratic: ``(T-1) linspace(0, 1, S) ** 2``, dense near t=0 (DDIM's spacing for small
+    images, stretched from DDIM's [0, 0.8 T] to [0, T-1]).
   logsnr: uniform in log-SNR between t=T-1 and t=0 (Lu et al. 2022); needs
     ``alphas_cumprod``. Best for DPM-Solver++.
   Where rounding repeats a timestep, later ones are moved up by one.
   """
   if not 1 <= num_steps <= num_timesteps:
-    raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
+    raise ConfigError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
+  top = num_timesteps - 1
   if spacing == "uniform":
-    ts = np.round(np.linspace(0, num_timesteps - 1, num_steps))
+    ts = np.round(np.linspace(0, top, num_steps) if num_steps > 1 else np.full(1, top))
   elif spacing == "trailing":
     ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)) - 1
   elif spacing == "quadratic":
-    ts = np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2
+    ts = np.round(top * np.linspace(1.0, 0.0, num_steps) ** 2)
   elif spacing == "logsnr":
     if alphas_cumprod is None:
-      raise ValueError("logsnr spacing needs the schedule's alphas_cumprod")
+      raise ConfigError("logsnr spacing needs the schedule's alphas_cumprod")
     lam = 0.5 * np.log(alphas_cumprod / (1.0 - alphas_cumprod))  # decreasing in t
     targets = np.linspace(lam[-1], lam[0], num_steps)
-    ts = np.searchsorted(-lam, -targets).clip(0, num_timesteps - 1)
+    ts = np.searchsorted(-lam, -targets).clip(0, top)
   else:
-    raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
+    raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
   ts = np.sort(ts.astype(np.int64))
   for i in range(1, len(ts)):  # rounding can repeat a step at the dense end: bump it
     ts[i] = max(ts[i], ts[i - 1] + 1)
-  ts = np.minimum(ts, num_timesteps - 1 - np.arange(len(ts))[::-1])  # and keep < T
+  ts = np.minimum(ts, top - np.arange(len(ts))[::-1])  # and keep < T
+  assert ts[-1] == top, (spacing, num_timesteps, num_steps, ts)  # the first call sees x_T
   return ts[::-1].astype(np.int32)
 
 
@@ -117,7 +141,7 @@ def ddpm_log_variance(schedule: diffusion.Schedule, variance: str) -> jax.Array:
     return schedule.posterior_log_variance_clipped
   if variance == "large":
     return jnp.log(jnp.append(schedule.posterior_variance[1], schedule.betas[1:]))
-  raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
+  raise ConfigError(f"variance must be 'small' or 'large', got {variance!r}")
 
 
 def _alpha_bar_at(schedule, t):
@@ -331,16 +355,18 @@ def slerp(a: jax.Array, b: jax.Array, w: jax.Array) -> jax.Array:
   return (jnp.sin((1 - w) * theta) * a + jnp.sin(w * theta) * b) / sin
 
 
-def guided_eps_fn(cond_eps_fn: Callable, labels, null_label: int, scale: float) -> EpsFn:
+def guided_eps_fn(cond_eps_fn: Callable, labels, null_label: int, scale: float,
+                  shortcuts: bool = True) -> EpsFn:
   """Classifier-free guidance (Ho & Salimans 2022) of ``cond_eps_fn(x_t, t, y) -> eps``.
 
   eps = eps(x, null) + w (eps(x, y) - eps(x, null)): w = 0 unconditional, 1 conditional,
-  > 1 guided. With w not 0 or 1, both branches go through one call on a doubled batch.
+  > 1 guided. Both branches go through one call on a doubled batch; with ``shortcuts``,
+  w = 0 and w = 1 call only the branch they need (the same values, half the work).
   """
   w = float(scale)
-  if w == 0.0:
+  if shortcuts and w == 0.0:
     return lambda x, t: cond_eps_fn(x, t, jnp.full_like(labels, null_label))
-  if w == 1.0:
+  if shortcuts and w == 1.0:
     return lambda x, t: cond_eps_fn(x, t, labels)
 
   def eps_fn(x, t):
@@ -354,14 +380,14 @@ def guided_eps_fn(cond_eps_fn: Callable, labels, null_label: int, scale: float) 
 def resolve_spacing(sampler: str, spacing: str) -> str:
   """``"auto"`` is "logsnr" for DPM-Solver++ and "uniform" for DDPM/DDIM."""
   if spacing == AUTO_SPACING:
-    return "logsnr" if sampler.startswith("dpm") else "uniform"
+    return "logsnr" if canonical_sampler(sampler) == "dpm_solver++" else "uniform"
   return spacing
 
 
 def timesteps_used(sampler: str, schedule: diffusion.Schedule, num_steps: int,
                    spacing: str = AUTO_SPACING, t_start: int | None = None) -> np.ndarray:
   """The timesteps at which ``sample(sampler, ...)`` calls the model, in order."""
-  if sampler == "ddpm":
+  if canonical_sampler(sampler) == "ddpm":
     start = schedule.num_timesteps - 1 if t_start is None else t_start
     return np.arange(start, -1, -1, dtype=np.int32)
   return _respaced(schedule, num_steps, resolve_spacing(sampler, spacing), t_start)[0]
@@ -377,6 +403,7 @@ def sample(sampler: str, eps_fn: EpsFn, schedule: diffusion.Schedule, x_T, key, 
   (image-to-image), ``known``/``mask`` (inpainting) and ``resample_steps`` are as for
   ``ddpm_sample``; DPM-Solver++ takes no resampling.
   """
+  sampler = canonical_sampler(sampler)
   spacing = resolve_spacing(sampler, spacing)
   if sampler == "ddpm":
     return ddpm_sample(eps_fn, schedule, x_T, key, variance=variance, clip_x0=clip_x0,
@@ -386,11 +413,7 @@ def sample(sampler: str, eps_fn: EpsFn, schedule: diffusion.Schedule, x_T, key, 
     return ddim_sample(eps_fn, schedule, x_T, key, num_steps=num_steps, eta=eta,
                        spacing=spacing, clip_x0=clip_x0, num_frames=num_frames,
                        t_start=t_start, known=known, mask=mask, resample_steps=resample_steps)
-  if sampler in ("dpm_solver++", "dpm_solver_pp"):
-    if resample_steps != 1:
-      raise ValueError("DPM-Solver++ is multistep: inpainting with it takes resample_steps=1; "
-                       "use the ddpm or ddim sampler for RePaint resampling")
-    return dpm_solver_pp_sample(eps_fn, schedule, x_T, key, num_steps=num_steps,
-                                spacing=spacing, clip_x0=clip_x0, num_frames=num_frames,
-                                t_start=t_start, known=known, mask=mask)
-  raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+  check_resampling(sampler, resample_steps)
+  return dpm_solver_pp_sample(eps_fn, schedule, x_T, key, num_steps=num_steps, spacing=spacing,
+                              clip_x0=clip_x0, num_frames=num_frames, t_start=t_start,
+                              known=known, mask=mask)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import models
+from ddpm_jax import config_lib, models
 
 
 @flax.struct.dataclass
@@ -61,7 +61,7 @@ def ema_decay_at(count, config):
   """EMA decay for the update after ``count`` applied updates: fixed, or
   min(decay, (1 + n) / (10 + n)) with warm-up."""
   decay = config.training.ema_decay
-  if config.training.get("ema_warmup", False):
+  if config_lib.setting(config, "training.ema_warmup"):
     n = jnp.asarray(count).astype(jnp.float32)
     decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
   return decay

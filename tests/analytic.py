@@ -55,3 +55,20 @@ def gaussian_cov_eps_fn(schedule, mean, cov):
     prec = jnp.linalg.inv(a**2 * cov + sig2 * eye)  # (B, D, D)
     return jnp.sqrt(sig2[:, 0]) * jnp.einsum("bij,bj->bi", prec, x - a[:, 0] * mean)
   return eps_fn
+
+
+def gaussian_posterior_mean(schedule, x_t, t, mean, std):
+  """E[x0 | x_t] for x0 ~ N(mean, std^2) per dimension (t an int): the shrinkage
+  mean + a s^2 (x_t - a mean) / (a^2 s^2 + sig^2), in float64."""
+  ab = float(np.asarray(schedule.alphas_cumprod, np.float64)[t])
+  a = np.sqrt(ab)
+  return mean + a * std**2 * (np.asarray(x_t, np.float64) - a * mean) / (a**2 * std**2 + 1 - ab)
+
+
+def constant_x0_eps_fn(schedule, x0_fn):
+  """A denoiser whose x0 prediction is ``x0_fn(x, t)`` (any values, also outside [-1, 1]):
+  eps = (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t)."""
+  def eps_fn(x, t):
+    ab = schedule.alphas_cumprod[t].reshape((-1,) + (1,) * (x.ndim - 1))
+    return (x - jnp.sqrt(ab) * x0_fn(x, t)) / jnp.sqrt(1 - ab)
+  return eps_fn

@@ -1,6 +1,7 @@
 """Evaluation: the bound's estimator, FID/KID/precision-recall maths, the Inception port
 and its weights file, colour and memorisation statistics, and the offline extractor."""
 
+import io
 import math
 import os
 import pickle
@@ -326,3 +327,51 @@ def test_weights_error_for_a_non_torch_file(tmp_path):
   p.write_bytes(os.urandom(100))
   with pytest.raises(inception.WeightsError):
     inception.read_torch_file(str(p))
+
+
+class _Payload:
+  """Pickles as a call to os.system (harmless: it would create a marker file)."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["legacy_magic", "legacy_sys_info", "legacy_keys",
+                                   "legacy_state_dict", "zip_state_dict"])
+def test_a_weights_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path, where):
+  """A crafted weights file whose pickles call os.system, in each place a pickle is read
+  (the legacy header objects too): one clear UserError, and the command never ran. Its
+  sha256 is the expected one here, as a forged file's prefix could be."""
+  from ddpm_jax.errors import UserError
+  marker = tmp_path / "MARKER"
+  bad = _Payload(marker)
+  path = tmp_path / "evil.pth"
+  header = [0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}]
+  buf = io.BytesIO()
+  if where.startswith("legacy"):
+    if where == "legacy_magic":
+      header[0] = bad
+    if where == "legacy_sys_info":
+      header[2] = {"little_endian": bad}
+    for x in header:
+      pickle.dump(x, buf, protocol=2)
+    pickle.dump(OrderedDict(a=bad) if where == "legacy_state_dict" else OrderedDict(), buf,
+                protocol=2)
+    pickle.dump([bad] if where == "legacy_keys" else [], buf, protocol=2)
+    path.write_bytes(buf.getvalue())
+  else:
+    pickle.dump(OrderedDict(a=bad), buf, protocol=2)
+    with zipfile.ZipFile(path, "w") as z:
+      z.writestr("archive/data.pkl", buf.getvalue())
+  with pytest.raises(UserError) as err:
+    inception.load_params(str(path), inception.sha256(str(path)))
+  assert isinstance(err.value, inception.WeightsError)
+  assert "system" in str(err.value) and "\n" not in str(err.value), str(err.value)
+  assert not marker.exists()
+  # The pickles do run code when read without restriction (the test would see it).
+  if where == "zip_state_dict":
+    pickle.loads(buf.getvalue())
+    assert marker.exists()

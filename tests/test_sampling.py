@@ -159,20 +159,56 @@ def test_ddim_eta_adds_noise_and_zero_eta_is_deterministic(schedule, gauss):
 @pytest.mark.parametrize("spacing", sampling.SPACINGS)
 def test_timestep_sequences(spacing, schedule):
   ac = schedule.alphas_cumprod_np()
-  for n in (1, 10, 50, 100, 1000):
+  for n in (1, 2, 3, 10, 50, 100, 1000):
     ts = sampling.timestep_sequence(1000, n, spacing, ac)
     assert len(ts) == n and ts.dtype == np.int32
     assert np.all(np.diff(ts) < 0) and ts.min() >= 0 and ts.max() <= 999
-  if spacing != "quadratic":  # the others start from pure noise
-    assert sampling.timestep_sequence(1000, 10, spacing, ac)[0] == 999
+    assert ts[0] == 999, (n, ts[:3])  # every spacing starts from pure noise, one step too
+  for T in (1, 2, 3, 20, 37):  # and a shortened run (img2img) starts at its own top
+    for n in range(1, T + 1):
+      ts = sampling.timestep_sequence(T, n, spacing, ac[:T])
+      assert ts[0] == T - 1 and len(ts) == n and np.all(np.diff(ts) < 0) and ts[-1] >= 0
   assert sampling.timestep_sequence(1000, 10, "trailing").tolist() == list(range(999, 0, -100))
+  assert sampling.timestep_sequence(1000, 5, "uniform").tolist() == [999, 749, 500, 250, 0]
+  assert sampling.timestep_sequence(1000, 5, "quadratic").tolist() == [999, 562, 250, 62, 0]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm_solver++"])
+@pytest.mark.parametrize("spacing", sampling.SPACINGS)
+def test_one_step_from_noise_is_the_exact_posterior_mean(schedule, gauss, sampler, spacing):
+  """One step calls the model at t = T-1 on pure noise and jumps to the data: with the exact
+  Gaussian denoiser that is E[x0 | x_T] = mean + a s^2 (x_T - a mean) / (a^2 s^2 + sig^2)."""
+  x = x_T(20, 64)
+  out = sampling.sample(sampler, gauss, schedule, x, jax.random.key(0), num_steps=1,
+                        spacing=spacing, eta=1.0)
+  want = analytic.gaussian_posterior_mean(schedule, x, 999, MEAN, STD)
+  # float32: x0 = (x - sig eps) / a with a = 0.0064 at t = 999 costs about 1e-4
+  np.testing.assert_allclose(out, want, atol=3e-4)
+  assert sampling.timesteps_used(sampler, schedule, 1, spacing).tolist() == [999]
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver++"])
+def test_a_run_from_the_top_is_the_same_with_and_without_t_start(schedule, gauss, sampler):
+  """img2img at strength 1 (t_start = T-1) runs exactly the steps of sampling from noise."""
+  x, key = x_T(21, 32), jax.random.key(3)
+  kw = dict(num_steps=10, eta=0.5)
+  plain = sampling.sample(sampler, gauss, schedule, x, key, **kw)
+  np.testing.assert_array_equal(
+      sampling.sample(sampler, gauss, schedule, x, key, t_start=999, **kw), plain)
 
 
 def test_bad_step_counts_are_clear_errors():
-  with pytest.raises(ValueError, match="num_steps must be in"):
+  """Each is a UserError (one line from main.py), not a bare ValueError."""
+  from ddpm_jax.errors import UserError
+  with pytest.raises(UserError, match="num_steps must be in"):
     sampling.timestep_sequence(1000, 0)
-  with pytest.raises(ValueError, match="unknown timestep spacing"):
+  with pytest.raises(UserError, match="unknown timestep spacing"):
     sampling.timestep_sequence(1000, 10, "cubic")
+  with pytest.raises(UserError, match="unknown sampling.sampler"):
+    sampling.sample("euler", lambda x, t: x, diffusion.make_schedule("linear", 100),
+                    jnp.zeros((1, 2)), jax.random.key(0))
+  with pytest.raises(UserError, match="variance must be"):
+    sampling.ddpm_log_variance(diffusion.make_schedule("linear", 100), "medium")
 
 
 def test_sampler_traces_the_model_once_and_reuses_the_compiled_scan(schedule):
@@ -211,6 +247,61 @@ def test_clipping_keeps_predicted_x0_in_range(schedule):
     _, frames = sampling.sample(sampler, wild, schedule, x_T(12, 8), jax.random.key(0),
                                 num_steps=10, clip_x0=True, num_frames=4)
     assert float(jnp.abs(frames[:, 1]).max()) <= 1.0 + 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver++"])
+def test_clipping_equals_a_denoiser_that_predicts_the_clipped_x0(sampler):
+  """Clipping the x0 prediction is exactly a denoiser that predicted the clipped x0: both
+  x0 and the eps recomputed from it. A denoiser predicting x0 = 1.5 (and -2, and 0.3
+  in range) with clipping gives, trajectory and all, what one predicting 1 (-1, 0.3)
+  without clipping gives, for every sampler (eta > 0: the noise term too)."""
+  sched = diffusion.make_schedule("cosine", 20)
+  wild = jnp.array([1.5, -2.0, 0.3, 4.0])
+  wild_x0 = lambda x, t: jnp.broadcast_to(wild + 0.01 * x, x.shape)  # noqa: E731
+  tame_x0 = lambda x, t: jnp.clip(wild_x0(x, t), -1.0, 1.0)  # noqa: E731
+  x, key = x_T(22, 16), jax.random.key(4)
+  run = lambda x0_fn, clip: sampling.sample(  # noqa: E731
+      sampler, analytic.constant_x0_eps_fn(sched, x0_fn), sched, x, key, num_steps=7,
+      eta=0.7, clip_x0=clip, num_frames=7)
+  (clipped, f_clipped), (tame, f_tame) = run(wild_x0, True), run(tame_x0, False)
+  # float32: x0 -> eps -> x0 at the first step (alpha_bar = 0.002) costs about 1e-4
+  np.testing.assert_allclose(f_clipped, f_tame, atol=5e-4)
+  np.testing.assert_allclose(clipped, tame, atol=5e-4)
+  unclipped, _ = run(wild_x0, False)  # and clipping matters here
+  assert float(jnp.abs(unclipped - tame).max()) > 0.1
+
+
+def test_dpm_solver_pp_coefficients_on_uniform_spacing(schedule):
+  """DPM-Solver++(2M) step by step in float64 (Lu et al. 2022, Algorithm 2) on uniform
+  spacing, where the step ratios r_i are far from 1 (log-SNR spacing would hide an
+  inverted r). The denoiser predicts x0 = g(x, t); the solver must follow
+    x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (exp(-h_i) - 1) D_i,
+    D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2},  r_i = h_{i-1} / h_i."""
+  g = lambda x, t: 0.5 * np.sin(np.asarray(t)[:, None] / 97.0) + 0.3 * np.tanh(x)  # noqa: E731
+  eps_fn = analytic.constant_x0_eps_fn(
+      schedule, lambda x, t: 0.5 * jnp.sin(t[:, None] / 97.0) + 0.3 * jnp.tanh(x))
+  x = np.asarray(x_T(23, 8), np.float64)
+  out = sampling.dpm_solver_pp_sample(eps_fn, schedule, jnp.asarray(x, jnp.float32),
+                                      num_steps=6, spacing="uniform")
+  ts = sampling.timestep_sequence(1000, 6, "uniform")
+  ac = np.asarray(schedule.alphas_cumprod, np.float64)
+  lam = 0.5 * np.log(ac / (1 - ac))
+  hs = np.diff(lam[ts])  # h_i > 0: lambda rises as t falls
+  r = hs[:-1] / hs[1:]
+  assert np.abs(np.log(r)).max() > 0.5, r  # far from 1: an inverted r shows
+  x0_prev = None
+  for i, t in enumerate(ts):
+    x0 = g(x, np.full(len(x), t))
+    if i == len(ts) - 1:  # last step to the data: first order, x = x0
+      x = x0
+      break
+    tp = ts[i + 1]
+    h = lam[tp] - lam[t]
+    d = x0 if i == 0 else (1 + 0.5 / (hs[i - 1] / h)) * x0 - 0.5 / (hs[i - 1] / h) * x0_prev
+    x = np.sqrt((1 - ac[tp]) / (1 - ac[t])) * x - np.sqrt(ac[tp]) * np.expm1(-h) * d
+    x0_prev = x0
+  # float32 solver vs float64 here: 2e-4; an inverted r is off by 0.2
+  np.testing.assert_allclose(out, x, atol=1e-3)
 
 
 def test_ddim_inversion_round_trip_error_falls_with_steps(schedule, gauss):

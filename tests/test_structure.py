@@ -8,27 +8,51 @@ from tests.conftest import REPO
 PACKAGE = os.path.join(REPO, "ddpm_jax")
 
 
-def module_imports() -> dict[str, set[str]]:
-  """{module: ddpm_jax modules it imports}, lazily (inside functions) or not."""
+def _files(root: str, package: str) -> dict[str, str]:
+  """{dotted module name: path} of every .py file under ``root`` (the folder of ``package``)."""
   files = {}
-  for root, _, names in os.walk(PACKAGE):
+  for folder, _, names in os.walk(root):
     for n in names:
       if n.endswith(".py"):
-        path = os.path.join(root, n)
-        mod = os.path.relpath(path[:-3], REPO).replace(os.sep, ".")
-        files[mod.removesuffix(".__init__")] = path
+        rel = os.path.relpath(os.path.join(folder, n[:-3]), root).replace(os.sep, ".")
+        files[f"{package}.{rel}".removesuffix(".__init__").removesuffix(".__init__")] = \
+            os.path.join(folder, n)
+  files[package] = os.path.join(root, "__init__.py")
+  return files
+
+
+def imported_names(mod: str, path: str) -> set[str]:
+  """Every dotted name a module imports, absolute or relative (``from . import x``,
+  ``from ..a import b``: level > 0 is resolved against the module's package), lazily
+  (inside functions) or not: for ``from a import b`` both ``a`` and ``a.b``."""
+  is_package = path.endswith("__init__.py")
+  names = set()
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        parts = mod.split(".") if is_package else mod.split(".")[:-1]
+        parts = parts[:len(parts) - (node.level - 1)]
+        base = ".".join(parts + ([base] if base else []))
+      names.add(base)
+      names.update(f"{base}.{a.name}" for a in node.names)
+    elif isinstance(node, ast.Import):
+      names.update(a.name for a in node.names)
+  return names
+
+
+def module_imports(root: str = PACKAGE, package: str = "ddpm_jax") -> dict[str, set[str]]:
+  """{module: modules of the package, or ``main``, that it imports}."""
+  files = _files(root, package)
+  known = set(files) | {"main"}
   graph = {}
   for mod, path in files.items():
-    deps = set()
-    for node in ast.walk(ast.parse(open(path).read())):
-      if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-        base = node.module
-        names = [f"{base}.{a.name}" for a in node.names]
-        deps.update(n for n in names if n in files)
-        if base in files and not any(n in files for n in names):
-          deps.add(base)
-      elif isinstance(node, ast.Import):
-        deps.update(a.name for a in node.names if a.name in files)
+    names = imported_names(mod, path)
+    deps = {n for n in names if n in known}
+    # ``from ddpm_jax import x`` names the module x, not the package itself.
+    if any(n.startswith(mod + ".") for n in deps) or package in deps and any(
+        n.startswith(package + ".") for n in deps):
+      deps.discard(package)
     graph[mod] = deps - {mod}
   return graph
 
@@ -57,6 +81,7 @@ def find_cycle(graph):
 def test_no_import_cycles():
   graph = module_imports()
   assert len(graph) > 20 and "ddpm_jax.train" in graph  # the walk found the package
+  assert "ddpm_jax.sampling" in graph["ddpm_jax.generate"]  # and reads the imports
   assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -65,21 +90,120 @@ def test_the_cycle_finder_finds_a_cycle():
   assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def test_relative_imports_are_read_and_a_cycle_made_with_them_is_found(tmp_path):
+  """A package whose modules import each other relatively (``from . import b``,
+  ``from .b import f``, ``from ..pkg import a`` in a sub-package) and lazily: the graph has
+  every edge, the cycle is found, and a module importing ``main`` is seen."""
+  pkg = tmp_path / "pkg"
+  (pkg / "sub").mkdir(parents=True)
+  (pkg / "__init__.py").write_text("")
+  (pkg / "a.py").write_text("from . import b\n")
+  (pkg / "b.py").write_text("def f():\n  from .sub.c import g\n")
+  (pkg / "sub" / "__init__.py").write_text("from . import c\n")
+  (pkg / "sub" / "c.py").write_text("from ..a import x\nimport main\n")
+  graph = module_imports(str(pkg), "pkg")
+  assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.b"] == {"pkg.sub.c"}
+  assert graph["pkg.sub"] == {"pkg.sub.c"} and graph["pkg.sub.c"] == {"pkg.a", "main"}
+  assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"]
+  with_main = {m: d for m, d in graph.items() if "main" in d}
+  assert with_main == {"pkg.sub.c": {"pkg.a", "main"}}
+
+
 def test_building_blocks_do_not_import_orchestration():
   graph = module_imports()
   orchestration = {"ddpm_jax.train", "ddpm_jax.sample", "ddpm_jax.evaluate"}
   for mod, deps in graph.items():
     if mod not in orchestration:
       assert not deps & orchestration, f"{mod} imports {deps & orchestration}"
-  assert not any("main" in d for deps in graph.values() for d in deps)
+  importers_of_main = sorted(mod for mod, deps in graph.items() if "main" in deps)
+  assert not importers_of_main, f"{importers_of_main} import the CLI entry point main.py"
 
 
 def test_importing_the_package_changes_no_environment():
   import subprocess
   import sys
-  code = ("import os; before = dict(os.environ); import ddpm_jax, ddpm_jax.train; "
+  # JAX itself sets variables when imported (TPU_SKIP_MDS_QUERY on a machine without TPUs):
+  # the baseline is taken after it, so only our own changes count.
+  code = ("import os, jax; before = dict(os.environ); import ddpm_jax, ddpm_jax.train; "
           "assert dict(os.environ) == before, set(os.environ.items()) ^ set(before.items())")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                        text=True)
   assert out.returncode == 0, out.stderr[-2000:]
+
+
+def _config_leaves(config, prefix=""):
+  """{dotted field: default} of every leaf of a ConfigDict."""
+  out = {}
+  for k, v in config.items():
+    if hasattr(v, "items"):
+      out.update(_config_leaves(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def code_defaults() -> list[tuple[str, int, str, object]]:
+  """(file, line, field, default) of every ``<x>.get("<field>", <constant>)`` in the code
+  whose field is a field of configs/default.py."""
+  from configs import default
+  names = {path.rsplit(".", 1)[-1] for path in _config_leaves(default.get_config())}
+  files = [os.path.join(REPO, "main.py")] + [
+      os.path.join(root, n) for root, _, ns in os.walk(PACKAGE) for n in ns if n.endswith(".py")]
+  found = []
+  for path in files:
+    for node in ast.walk(ast.parse(open(path).read())):
+      if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+          and node.func.attr == "get" and len(node.args) == 2
+          and isinstance(node.args[0], ast.Constant) and node.args[0].value in names):
+        try:
+          value = ast.literal_eval(node.args[1])
+        except ValueError:
+          continue
+        found.append((os.path.relpath(path, REPO), node.lineno, node.args[0].value, value))
+  return found
+
+
+def drift(found) -> list[str]:
+  """The code defaults in ``found`` that configs/default.py does not have for their field."""
+  from configs import default
+  by_name = {}
+  for path, value in _config_leaves(default.get_config()).items():
+    by_name.setdefault(path.rsplit(".", 1)[-1], []).append(value)
+  return [f"{path}:{line}: {field}={value!r}, configs/default.py has {by_name[field]}"
+          for path, line, field, value in found
+          if value not in by_name[field]]
+
+
+def test_code_defaults_cannot_drift_from_configs_default():
+  """configs/default.py is the one source of defaults: where code reads a config field with
+  a fallback (``section.get("field", value)``), the fallback is the default file's value
+  (better, there is none: ``config_lib.setting`` reads the file)."""
+  from configs import default
+  from ddpm_jax import config_lib
+  found = code_defaults()
+  assert any(f == "num_groups" for _, _, f, _ in found)  # the scan sees models.py's reads
+  assert not drift(found), "\n".join(drift(found))
+  # config_lib.setting falls back to the file itself, for every field.
+  empty = default.get_config()
+  for section in list(empty.keys()):
+    del empty[section]
+  for path, value in _config_leaves(default.get_config()).items():
+    assert config_lib.setting(empty, path) == value, path
+  assert config_lib.setting(default.get_config(), "sampling.guidance_scale") == 3.0
+
+
+def test_the_drift_check_catches_a_wrong_fallback(tmp_path, monkeypatch):
+  """A module reading ``s.get("guidance_scale", 1.0)`` (the file says 3.0) is caught."""
+  pkg = tmp_path / "ddpm_jax"
+  pkg.mkdir()
+  (pkg / "x.py").write_text('def f(s):\n  return s.get("guidance_scale", 1.0), '
+                            's.get("num_groups", 32)\n')
+  (tmp_path / "main.py").write_text("")
+  import tests.test_structure as me
+  monkeypatch.setattr(me, "PACKAGE", str(pkg))
+  monkeypatch.setattr(me, "REPO", str(tmp_path))
+  found = me.code_defaults()
+  assert found == [("ddpm_jax/x.py", 2, "guidance_scale", 1.0),
+                   ("ddpm_jax/x.py", 2, "num_groups", 32)]
+  assert drift(found) == ["ddpm_jax/x.py:2: guidance_scale=1.0, configs/default.py has [3.0]"]
