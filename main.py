@@ -8,8 +8,12 @@ Modes other than train use the config saved with the workdir's checkpoint unless
 Every process of a multi-host job runs the same command (see README).
 """
 
-import os
 import sys
+
+if sys.version_info < (3, 11):  # noqa: UP036  checked before any import that needs 3.11
+  sys.exit(f"error: ddpm_jax needs Python >= 3.11, not {sys.version.split()[0]} (docs/tpu_pod.md)")
+
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -28,6 +32,7 @@ MODES = {
     "img2img": "SDEdit: noise sampling.inputs to sampling.strength and denoise",
     "interpolate_images": "DDIM-invert pairs of sampling.inputs, slerp, decode",
     "eval": "bits/dim, per-timestep loss, sample metrics (FID given Inception weights)",
+    "prepare": "prepare data.dataset's records into data.data_dir (local or gs://) and stop",
 }
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.", lock_config=False)
 flags.DEFINE_string("workdir", "runs/", "Run folder (local or gs://): checkpoints, logs, samples.")
@@ -39,7 +44,7 @@ def _config():
   """The --config file, or for non-train modes without --config the workdir's saved config."""
   from ddpm_jax import checkpoint as ckpt_lib
   from ddpm_jax import config_lib
-  if FLAGS.mode == "train" or FLAGS["config"].present:
+  if FLAGS.mode in ("train", "prepare") or FLAGS["config"].present:
     return FLAGS.config
   mngr = ckpt_lib.make_manager(FLAGS.workdir, read_only=True, async_save=False)
   config, _ = ckpt_lib.newest_config(mngr, FLAGS.workdir)
@@ -57,6 +62,11 @@ def _run(mode: str, config, workdir: str) -> None:
   from ddpm_jax import evaluate, parallel, sample, train
   if mode == "train":
     train.train_and_evaluate(config, workdir)
+  elif mode == "prepare":
+    from ddpm_jax import datasets
+    where = datasets.prepare(config)
+    if parallel.is_main():
+      print(where)  # the last line: where the records are
   elif mode == "eval":
     evaluate.evaluate(config, workdir)
   else:
@@ -73,16 +83,19 @@ def main(argv):
   parallel.initialize_distributed()
   import jax
 
-  from ddpm_jax.errors import UserError
+  from ddpm_jax.errors import StoppedEarly, UserError
   logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
+  from ddpm_jax import config_lib
   try:
     config = _config()
-    if config.training.get("compilation_cache", False):
+    if config_lib.setting(config, "training.compilation_cache"):
       run_utils.enable_compilation_cache()  # sampling modes reuse compiled samplers too
     _run(FLAGS.mode, config, FLAGS.workdir)
   except UserError as e:
-    _exit(f"error: {e}", multi=jax.process_count() > 1)
+    _exit(f"error: {e}", multi=jax.process_count() > 1, together=True)
+  except StoppedEarly as e:
+    _exit(f"warning: {e}", multi=jax.process_count() > 1, status=0, together=True)
   except BaseException as e:
     if jax.process_count() <= 1:
       raise
@@ -105,14 +118,19 @@ def _lost_a_peer(e: BaseException) -> bool:
                                   "coordination service", "DEADLINE_EXCEEDED", "UNAVAILABLE"))
 
 
-def _exit(message: str, multi: bool) -> None:
-  """One line on stderr, exit status 1. With several processes, skip the shutdown barrier:
-  a peer that died or went another way would hold it for minutes."""
+def _exit(message: str, multi: bool, status: int = 1, together: bool = False) -> None:
+  """One line on stderr, exit ``status``. With several processes, skip the shutdown barrier:
+  a peer that died or went another way would hold it for minutes. ``together``: an outcome
+  every process shares; wait briefly for the others before leaving (see
+  ``parallel.leave_together``)."""
   print(message, file=sys.stderr, flush=True)
   if multi:
     sys.stdout.flush()
-    os._exit(1)
-  raise SystemExit(1)
+    if together:
+      from ddpm_jax import parallel
+      parallel.leave_together()
+    os._exit(status)
+  raise SystemExit(status)
 
 
 def _check_config_file(argv) -> None:

@@ -81,7 +81,10 @@ def get_config():
   training.checkpoint_every_steps = 5000
   training.checkpoint_every_minutes = 30.0  # also save at least this often (0 = never)
   training.keep_checkpoints = 3  # most recent checkpoints kept
-  training.keep_period = 0  # also keep every checkpoint whose step is a multiple (0 = none)
+  # Also keep every checkpoint whose step is a multiple of this (0 = none), forever: a run
+  # that degrades without going NaN (a slow loss blow-up) would otherwise keep only its last
+  # keep_checkpoints, all of them bad. Each kept one costs params + EMA + Adam moments on disk.
+  training.keep_period = 50000
   training.sample_every_steps = 0  # write an EMA sample grid every N steps (0 = never)
   # Held-out eps-MSE per timestep bucket (eval.num_examples images, EMA params) every N
   # steps, to TensorBoard (val/...) and metrics.jsonl; 0 = never. One forward pass each.

@@ -5,13 +5,21 @@ the config as JSON. Orbax writes each checkpoint into a temporary folder and
 finalises it when complete, so a save interrupted part-way is never listed. The
 workdir may be local or ``gs://``.
 
-A checkpoint that no longer restores (a truncated file, a partial copy) is moved to
-``<workdir>/checkpoints_unreadable/<step>`` with one warning, and the newest one
-that restores is used instead (``restore_newest``).
+What happens when a checkpoint does not restore (``restore_newest``), decided once for
+all processes of a job:
+  * its bytes are bad (a truncated or missing file, unparsable metadata), on a retry too:
+    it is moved to ``<workdir>/checkpoints_unreadable/<step>-<time>`` with one warning and
+    the newest one before it is used; a trainer whose every checkpoint is bad stops
+    rather than start from scratch;
+  * it does not fit the config (a changed optimizer or model setting): one line naming
+    the setting, nothing moved;
+  * any other error (permission, network, out of memory): one line, nothing moved.
+Sampling and eval restore the parameters only, so optimizer settings cannot matter to them.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import jax
@@ -21,7 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from ddpm_jax import fs, parallel
-from ddpm_jax.errors import NoCheckpointError
+from ddpm_jax.errors import ConfigError, NoCheckpointError, UserError
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -34,8 +42,8 @@ def make_manager(workdir: str, *, max_to_keep: int | None = 3, keep_period: int 
       max_to_keep=None if read_only else max_to_keep, keep_period=keep_period or None,
       create=not read_only, enable_async_checkpointing=async_save, read_only=read_only,
       **({"save_interval_steps": 0} if read_only else {}))
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=("state", "config"))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers={
+      "state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, config, *, force: bool = False) -> bool:
@@ -83,28 +91,166 @@ def _quiet_closed_loop_callbacks() -> None:
   sys.unraisablehook = quiet
 
 
+# tensorstore status codes that mean the stored bytes are bad (a truncated or missing data
+# file: "OUT_OF_RANGE: Requested byte range ... is not valid", "FAILED_PRECONDITION:
+# Truncated Zstd-compressed stream", "DATA_LOSS: ..."), not that reading them failed.
+_BAD_BYTES = ("OUT_OF_RANGE", "DATA_LOSS", "FAILED_PRECONDITION", "NOT_FOUND")
+
+
+def is_corrupt(e: BaseException) -> bool:
+  """True if ``e`` says a checkpoint's bytes are bad; False for every other failure
+  (permissions, network, memory, structure), which must never cost a checkpoint."""
+  if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError, EOFError, FileNotFoundError)):
+    return True
+  text = str(e).lstrip()
+  return isinstance(e, ValueError) and text.startswith(_BAD_BYTES)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
+def _paths(tree) -> dict:
+  """{('params', 'Conv_0', 'kernel'): (shape, dtype)} for a pytree of arrays or metadata."""
+  def name(k):
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {tuple(name(k) for k in path): (tuple(x.shape), np.dtype(x.dtype))
+          for path, x in leaves}
+
+
+def _mismatch(template: dict, saved: dict, parts) -> str | None:
+  """The first difference between ``template`` and ``saved`` (paths -> shape/dtype) under
+  the top-level ``parts``, in words; None if they match."""
+  for part in parts:
+    want = {p: v for p, v in template.items() if p[0] == part}
+    have = {p: v for p, v in saved.items() if p[0] == part}
+    for p in sorted(set(want) | set(have)):
+      where = "/".join(p)
+      if p not in have:
+        return f"the checkpoint has no {where}"
+      if p not in want:
+        return f"the checkpoint has {where}, which this config does not"
+      if want[p] != have[p]:
+        return (f"{where} is {have[p][0]} {have[p][1]} in the checkpoint but "
+                f"{want[p][0]} {want[p][1]} with this config")
+  return None
+
+
+_SETTINGS = {"opt_state": "the optimizer settings (optim.*)",
+             "params": "the network settings (model.*, data.image_size)",
+             "ema_params": "the network settings (model.*, data.image_size)"}
+
+
+class _Outcome:
+  """One process's attempt at one step: ok (with the state), corrupt, incompatible, error."""
+
+  def __init__(self, kind: str, message: str = "", state=None):
+    self.kind, self.message, self.state = kind, message, state
+
+
+def _attempt(manager, step: int, template, parts, retries: int) -> _Outcome:
+  """Reads checkpoint ``step`` into ``template``'s structure, classifying any failure."""
+  mine = _paths(template)
+  for attempt in range(retries + 1):
+    try:
+      meta = manager.item_metadata(step)["state"]
+      if meta is None:
+        raise FileNotFoundError(f"no state metadata in checkpoint {step}")
+      saved = _paths(meta.tree if hasattr(meta, "tree") else meta)
+      diff = _mismatch(mine, saved, parts)
+      if diff is not None:
+        return _Outcome("incompatible", diff)
+      if set(parts) == {p[0] for p in mine}:
+        target = _abstract(template)
+      else:  # only ``parts`` are wanted: the rest is read as saved, whatever it is
+        target = dict(jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                   meta.tree if hasattr(meta, "tree") else meta))
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))
+      state = jax.device_get(restored.state)
+      return _Outcome("ok", state=state)
+    except Exception as e:  # noqa: BLE001  (classified: only bad bytes cost a checkpoint)
+      if "Structure mismatch" in str(e):
+        return _Outcome("incompatible", _first_line(e))
+      if attempt == retries:
+        return _Outcome("corrupt" if is_corrupt(e) else "error", _first_line(e))
+      time.sleep(min(2.0 * (attempt + 1), 10.0))
+      manager.reload()
+  raise AssertionError("unreachable")
+
+
 def restore_newest(manager: ocp.CheckpointManager, workdir: str, template,
-                   steps: list[int] | None = None):
+                   steps: list[int] | None = None, parts=None, retries: int = 2):
   """(state, step) of the newest checkpoint that restores; (None, None) if there is none.
 
-  Each newer checkpoint that fails to restore is moved aside (by process 0; every
-  process sees the same files, so all fail on the same ones) with one warning.
-  ``steps`` limits the candidates.
+  ``parts`` (e.g. ("params", "ema_params")) restores only those top-level fields of the
+  train state and returns a dict; by default the whole ``template`` (a TrainState).
+  Every process of a job tries the same step and they agree on the outcome (the
+  module docstring says what each outcome does). ``steps`` limits the candidates.
+  Raises ConfigError if a checkpoint does not fit the config and UserError if one
+  cannot be read for a reason other than bad bytes, on every process.
   """
   candidates = sorted(manager.all_steps() if steps is None else steps, reverse=True)
+  seen = parallel.exchange("checkpoint steps", ",".join(map(str, candidates)))
+  if len(set(seen)) > 1:
+    raise UserError(f"the processes of this job see different checkpoints in "
+                    f"{checkpoint_dir(workdir)} ({'; '.join(seen)}): is the workdir shared "
+                    f"by every host?")
+  parts = tuple(parts or _paths_top(template))
   _quiet_closed_loop_callbacks()
+  set_aside = []
   for step in candidates:
-    try:
-      return restore(manager, template, step), step
-    except Exception as e:  # noqa: BLE001  (any failure to read means unusable)
-      cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-      dst = parallel.process_0_then_all(f"set aside checkpoint {step}",
-                                        lambda s=step: _set_aside(workdir, s))
-      logging.warning("checkpoint %d in %s cannot be read (%s: %s); moved it to %s and using "
-                      "the newest one before it", step, checkpoint_dir(workdir),
-                      type(e).__name__, cause, dst or "checkpoints_unreadable/")
-      manager.reload()
+    mine = _attempt(manager, step, template, parts, retries)
+    outcomes = [o.split("\t", 1) for o in parallel.exchange(
+        f"restore {step}", f"{mine.kind}\t{mine.message}")]
+    kinds = [k for k, _ in outcomes]
+    if all(k == "ok" for k in kinds):
+      state = mine.state
+      if parts != tuple(_paths_top(template)):
+        state = {p: state[p] for p in parts}
+      return state, step
+    first = next(i for i, k in enumerate(kinds) if k != "ok")
+    where = f" (process {first})" if len(kinds) > 1 else ""
+    if "incompatible" in kinds:
+      i = kinds.index("incompatible")
+      msg = outcomes[i][1]
+      top = next((k for k in _SETTINGS if f" {k}/" in f" {msg}"), None)
+      raise ConfigError(
+          f"checkpoint {step} in {checkpoint_dir(workdir)} does not fit this config: {msg}"
+          + (f"; {_SETTINGS[top]} differ from the run's" if top else "")
+          + "; nothing was changed: use the run's settings (see its config.json) or another "
+          "--workdir")
+    if "error" in kinds:
+      i = kinds.index("error")
+      raise UserError(
+          f"checkpoint {step} in {checkpoint_dir(workdir)} could not be read{where}: "
+          f"{outcomes[i][1]}; nothing was changed (this is not a sign of a bad checkpoint: "
+          f"check access to the workdir, free memory, then rerun)")
+    cause = outcomes[first][1]
+    dst = parallel.process_0_then_all(f"set aside checkpoint {step}",
+                                      lambda s=step: _set_aside(workdir, s))
+    logging.warning("checkpoint %d in %s is damaged (%s%s); moved it to %s and using the newest "
+                    "one before it", step, checkpoint_dir(workdir), cause, where,
+                    dst or "checkpoints_unreadable/")
+    set_aside.append(step)
+    manager.reload()
+  if set_aside and len(set_aside) == len(candidates) and steps is None:
+    raise UserError(
+        f"every checkpoint in {checkpoint_dir(workdir)} is damaged (steps "
+        f"{', '.join(map(str, set_aside))}, moved to checkpoints_unreadable/); not starting "
+        f"from scratch on my own: rerun the same command to start from step 0, or copy a "
+        f"good checkpoint back into checkpoints/")
   return None, None
+
+
+def _paths_top(template) -> list[str]:
+  """The top-level field names of a train state (or dict)."""
+  return sorted({p[0] for p in _paths(template)})
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int | None = None):

@@ -31,3 +31,9 @@ class InputError(UserError, ValueError):
 
 class DivergenceError(UserError, RuntimeError):
   """Training produced non-finite steps ``training.max_bad_steps`` times in a row."""
+
+
+class StoppedEarly(BaseException):
+  """A stop signal during start-up: nothing new to save; ``main.py`` exits 0 with its message.
+
+  A BaseException so that no ``except Exception`` on the way swallows it."""

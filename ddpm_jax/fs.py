@@ -101,6 +101,29 @@ def load_npz(p) -> dict:
     return {k: f[k] for k in f.files}
 
 
+def check_writable(folder, what: str) -> None:
+  """Raises UserError (one line, with the fix) unless a small object can be written to and
+  removed from ``folder``; for remote folders only (local ones fail clearly by themselves)."""
+  folder = normalize(folder)
+  if not is_remote(folder):
+    return
+  from ddpm_jax.errors import UserError
+  probe = join(folder, f".ddpm_jax_write_check-{uuid.uuid4().hex[:8]}")
+  try:
+    write_bytes(probe, b"ok")
+    remove(probe)
+  except Exception as e:  # noqa: BLE001  (missing bucket, no permission, no credentials)
+    bucket = folder.split("://", 1)[1].split("/", 1)[0]
+    scheme = folder.split("://", 1)[0]
+    cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    raise UserError(
+        f"{what} {folder} cannot be written ({type(e).__name__}: {cause}). If the bucket does "
+        f"not exist, create it in the region of your VMs: `gcloud storage buckets create "
+        f"{scheme}://{bucket} --location=REGION`; if it does, give this VM's service account "
+        f"access: `gcloud storage buckets add-iam-policy-binding {scheme}://{bucket} "
+        f"--member=serviceAccount:SERVICE_ACCOUNT --role=roles/storage.objectAdmin`") from None
+
+
 def remove(p) -> None:
   """Removes a file if it is there."""
   q = path(p)
@@ -108,13 +131,20 @@ def remove(p) -> None:
     q.unlink()
 
 
+def _no_scheme(p: str) -> str:
+  return str(p).split("://", 1)[-1].rstrip("/")
+
+
 def copytree(src, dst) -> None:
   """Copies a folder tree file by file (local <-> remote, either way)."""
   src, dst = normalize(src), normalize(dst)
+  base = _no_scheme(src)
   for root, _, files in path(src).walk():
-    rel = str(root)[len(src):].lstrip("/")
+    # A bucket's walk may give its folders without the gs:// scheme: name files from src.
+    rel = _no_scheme(root)[len(base):].lstrip("/")
     for f in files:
-      write_bytes(join(dst, rel, f) if rel else join(dst, f), (root / f).read_bytes())
+      src_file = join(src, rel, f) if rel else join(src, f)
+      write_bytes(join(dst, rel, f) if rel else join(dst, f), read_bytes(src_file))
 
 
 def move(src, dst) -> None:
@@ -161,6 +191,32 @@ class GrowingFile:
       with open(self.path, "ab") as f:
         f.write(self._pending)
     self._pending = bytearray()
+
+  def keep_lines(self, keep) -> None:
+    """Keeps only the complete lines for which ``keep(line)`` is true (a torn last line
+    goes too); rewrites the file if anything is dropped."""
+    self.flush()
+    if self._remote:
+      data = bytes(self._content)
+    elif os.path.exists(self.path):
+      with open(self.path, "rb") as f:
+        data = f.read()
+    else:
+      return
+    lines = data.splitlines(keepends=True)
+    kept = []
+    for line in lines:
+      try:
+        if line.endswith(b"\n") and keep(line):
+          kept.append(line)
+      except ValueError:  # a torn or foreign line
+        pass
+    if len(kept) == len(lines):
+      return
+    out = b"".join(kept)
+    if self._remote:
+      self._content = bytearray(out)
+    write_bytes(self.path, out)
 
   def size(self) -> int:
     done = len(self._content) if self._remote else (

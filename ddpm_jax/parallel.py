@@ -31,6 +31,8 @@ from ddpm_jax import errors
 
 AXIS = "batch"
 HEARTBEAT_TIMEOUT_S = 60
+# How long processes wait for each other to join (a slow host, a VM still booting).
+INIT_TIMEOUT_S = 600
 
 
 def is_main() -> bool:
@@ -96,8 +98,9 @@ def allgather(x: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x)).reshape((-1,) + x.shape[1:])
 
 
-# Requests that one process may make and all must act on together.
-REQUESTS = ("stop", "save")
+# Requests that one process may make and all must act on together: stop (save, then leave),
+# save (a clock says so), abort (process 0 lost the workdir lock: leave without writing).
+REQUESTS = ("stop", "save", "abort")
 
 
 def requests_array(**requests: bool) -> np.ndarray:
@@ -125,6 +128,46 @@ def _client():
   return distributed.global_state.client
 
 
+def _key(name: str) -> str:
+  """A key for the ``n``-th call named ``name``: every process makes the same calls in order."""
+  n = _calls[name] = _calls.get(name, 0) + 1
+  return f"ddpm_jax/{name}/{n}"
+
+
+def _wait_for(key: str, timeout_s: float, what: str) -> str:
+  """The value of ``key`` once some process sets it; polls, so signals are handled meanwhile.
+
+  A peer that died ends the wait too: the coordination service's error propagates.
+  """
+  import time
+  deadline = time.monotonic() + timeout_s
+  client = _client()
+  while True:
+    try:
+      return client.key_value_try_get(key)
+    except Exception as e:  # noqa: BLE001  (NOT_FOUND until set; anything else is real)
+      if "NOT_FOUND" not in str(e) and "not found" not in str(e).lower():
+        raise
+    if time.monotonic() > deadline:
+      raise errors.UserError(f"process {jax.process_index()} waited {timeout_s:.0f} s for "
+                             f"{what} and gave up; see the other processes' logs")
+    time.sleep(0.1)
+
+
+def exchange(name: str, value: str, timeout_s: float = 1800) -> list[str]:
+  """Every process's ``value``, in process order (each process calls it once, in step).
+
+  Host-side agreement through the coordination service's key-value store: no device
+  computation, so it works while devices are busy or before any are used.
+  """
+  if jax.process_count() == 1:
+    return [value]
+  key = _key(name)
+  _client().key_value_set(f"{key}/{jax.process_index()}", value)
+  return [_wait_for(f"{key}/{i}", timeout_s, f"process {i} at {name!r}")
+          for i in range(jax.process_count())]
+
+
 def process_0_then_all(name: str, fn: Callable, timeout_s: float = 4 * 3600):
   """Runs ``fn`` on process 0 while the others wait (at most ``timeout_s``) for its outcome.
 
@@ -134,8 +177,7 @@ def process_0_then_all(name: str, fn: Callable, timeout_s: float = 4 * 3600):
   """
   if jax.process_count() == 1:
     return fn()
-  n = _calls[name] = _calls.get(name, 0) + 1
-  key = f"ddpm_jax/{name}/{n}"
+  key = _key(name)
   if is_main():
     try:
       out = fn()
@@ -147,39 +189,54 @@ def process_0_then_all(name: str, fn: Callable, timeout_s: float = 4 * 3600):
       raise
     _client().key_value_set(key, "ok")
     return out
-  status = _client().blocking_key_value_get(key, int(timeout_s * 1000))
+  status = _wait_for(key, timeout_s, f"process 0 to finish {name!r}")
   if status == "ok":
     return None
   kind, cls, msg = status.split("\t", 2)
   if kind == "user":
     raise getattr(errors, cls, errors.UserError)(msg)
-  raise RuntimeError(f"process 0 failed during {name!r} ({cls}: {msg}); see its log")
+  raise errors.UserError(f"process 0 failed during {name!r} ({cls}: {msg}); see its log")
 
 
-def is_multi_host_launch(env=None) -> bool:
-  """True when the environment says several processes make up this job."""
-  env = os.environ if env is None else env
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    return True
-  if "," in env.get("TPU_WORKER_HOSTNAMES", ""):  # Cloud TPU VM pod slice
-    return True
-  return any(int(env.get(k, "1") or 1) > 1
-             for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES"))
+def leave_together(timeout_s: float = 15.0) -> None:
+  """Before a process leaves on an error every process will hit (a UserError decided
+  together, a stop during start-up): waits, at most ``timeout_s``, for the others to get
+  there too. Process 0 runs the coordination service; leaving first would cut the others
+  off before they read the shared outcome, and they would report a lost peer instead."""
+  if jax.process_count() == 1:
+    return
+  try:
+    _client().wait_at_barrier("ddpm_jax/leave", int(timeout_s * 1000))
+  except Exception:  # noqa: BLE001  (a peer that is gone or goes another way: leave anyway)
+    pass
+
+
+def _explicit_launch(env) -> bool:
+  """The environment names the job's processes itself (``ddpm_jax.launch``, a user)."""
+  return bool(env.get("JAX_COORDINATOR_ADDRESS"))
 
 
 def initialize_distributed(env=None) -> None:
-  """Calls ``jax.distributed.initialize`` for multi-host jobs; single-host runs skip it.
+  """Joins this process to its multi-process job, if it is part of one.
 
-  Cloud TPU pods, SLURM and Open MPI are detected by JAX itself. ``ddpm_jax.launch``
-  sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  Which job is JAX's own decision (``jax.distributed.initialize()`` with no arguments):
+  a Cloud TPU VM slice (the GCE metadata server), GKE TPU variables, SLURM, Open MPI,
+  or explicit ``JAX_COORDINATOR_ADDRESS`` (+ ``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``,
+  as ``ddpm_jax.launch`` sets them). Where JAX finds no cluster (a laptop, one GPU
+  box) the process runs alone.
   """
   env = os.environ if env is None else env
-  if not is_multi_host_launch(env):
-    return
   kwargs = {}
-  if env.get("JAX_NUM_PROCESSES") and env.get("JAX_PROCESS_ID"):
+  if _explicit_launch(env) and env.get("JAX_NUM_PROCESSES") and env.get("JAX_PROCESS_ID"):
     kwargs = dict(num_processes=int(env["JAX_NUM_PROCESSES"]),
                   process_id=int(env["JAX_PROCESS_ID"]))
-  jax.distributed.initialize(
-      heartbeat_timeout_seconds=int(env.get("DDPM_JAX_HEARTBEAT_TIMEOUT_S",
-                                            HEARTBEAT_TIMEOUT_S)), **kwargs)
+  try:
+    jax.distributed.initialize(
+        heartbeat_timeout_seconds=int(env.get("DDPM_JAX_HEARTBEAT_TIMEOUT_S",
+                                              HEARTBEAT_TIMEOUT_S)),
+        initialization_timeout=int(env.get("DDPM_JAX_INIT_TIMEOUT_S", INIT_TIMEOUT_S)),
+        **kwargs)
+  except ValueError as e:
+    # JAX found no cluster and no coordinator was named: a single-process run.
+    if "coordinator_address should be defined" not in str(e):
+      raise

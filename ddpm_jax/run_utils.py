@@ -3,19 +3,19 @@ the compilation cache. Paths go through ``ddpm_jax.fs`` (local or ``gs://``)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging as py_logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 
 from absl import logging
 
 from ddpm_jax import fs
-from ddpm_jax.errors import WorkdirLocked
+from ddpm_jax.errors import StoppedEarly, WorkdirLocked
 
 
 def set_process_defaults() -> None:
@@ -88,10 +88,18 @@ def _pid_alive(pid: int) -> bool:
 class WorkdirLock:
   """``<workdir>/trainer.lock``, held by process 0 of a running trainer (local or gs://).
 
-  It names the holder's host and pid and the time it was last refreshed (every
-  ``REFRESH_S`` while training). A lock is live if its holder runs on this host, or,
-  from another host, if it was refreshed within ``STALE_S``. A dead holder's lock
-  (SIGKILL, a lost VM) is taken over; from another host after ``STALE_S``.
+  Local disk: an ``flock`` on the file, held while the trainer runs and dropped by the
+  kernel when its process ends however it ends; the file's content (host, pid) is only
+  for the message a second trainer gets, so a torn or empty file or a reused pid cannot
+  matter.
+
+  Object store: the lock object is created only if absent (a generation precondition),
+  so of trainers starting together exactly one wins. Its holder rewrites it every
+  ``REFRESH_S`` from a thread, from the moment it is taken, each time on the condition
+  that it is still the generation it wrote last; a lock not rewritten for ``STALE_S``
+  (its holder is gone), or whose holder ran on this host and is dead, is taken over,
+  again on a generation condition. A holder whose rewrite finds another generation has
+  lost the lock: ``lost`` turns true and the trainer stops before writing anything.
   """
   REFRESH_S = 60.0
   STALE_S = 300.0
@@ -100,87 +108,237 @@ class WorkdirLock:
     self.workdir = fs.normalize(workdir)
     self.path = fs.join(self.workdir, "trainer.lock")
     self.me = {"host": socket.gethostname(), "pid": os.getpid(), "id": uuid.uuid4().hex}
-    self._refreshed = 0.0
+    self.REFRESH_S = float(os.environ.get("DDPM_JAX_LOCK_REFRESH_S", self.REFRESH_S))
     self.held = False
+    self.lost = False
+    self._fd = None
+    self._generation = None
+    self._stop = threading.Event()
+    self._refreshing = threading.Lock()
+    self._thread = None
 
-  def _read(self) -> dict | None:
-    try:
-      text = fs.read_text(self.path).strip()
-    except (FileNotFoundError, OSError):
-      return None
+  def _info(self) -> bytes:
+    return json.dumps({**self.me, "time": time.time()}).encode()
+
+  def _refused(self, text: str) -> WorkdirLocked:
     try:
       holder = json.loads(text)
-      return holder if isinstance(holder, dict) else {"host": self.me["host"], "pid": holder}
-    except ValueError:
-      return {"host": self.me["host"], "pid": int(text)} if text.isdigit() else None
-
-  def _live(self, h: dict) -> bool:
-    if h.get("id") == self.me["id"]:
-      return False
-    if h.get("host") == self.me["host"]:
-      pid = int(h.get("pid") or 0)
-      return bool(pid) and pid != os.getpid() and _pid_alive(pid)
-    return time.time() - float(h.get("time", 0)) < self.STALE_S
-
-  def _write(self) -> None:
-    self._refreshed = time.time()
-    fs.write_text(self.path, json.dumps({**self.me, "time": self._refreshed}))
+      where = f"pid {holder.get('pid')} on {holder.get('host')}"
+    except (ValueError, AttributeError, TypeError):
+      where = "a trainer whose lock file is unreadable"
+    return WorkdirLocked(f"workdir {self.workdir!r} is in use by a running trainer ({where}); "
+                         f"stop it or use another --workdir")
 
   def acquire(self) -> None:
     fs.makedirs(self.workdir)
-    while True:
-      holder = self._read()
-      if holder is not None and self._live(holder):
-        where = f"pid {holder.get('pid')} on {holder.get('host')}"
-        raise WorkdirLocked(f"workdir {self.workdir!r} is in use by a running trainer ({where}); "
-                            f"stop it or use another --workdir")
-      if fs.is_remote(self.path):
-        self._write()
-        break
-      with contextlib.suppress(FileNotFoundError):
-        if holder is not None:
-          os.remove(self.path)  # stale: its owner is gone
-      try:  # atomic on local disk: two trainers starting at once cannot both win
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-      except FileExistsError:
-        continue
-      os.close(fd)
-      self._write()
-      break
+    if fs.is_remote(self.path):
+      self._acquire_remote()
+    else:
+      self._acquire_local()
     self.held = True
 
+  # Local disk.
+  def _acquire_local(self) -> None:
+    import fcntl
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError:
+        with open(self.path, errors="replace") as f:
+          text = f.read()
+        os.close(fd)
+        raise self._refused(text) from None
+      try:  # the file we locked may have been removed by a holder releasing it just now
+        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, self._info(), 0)
+    self._fd = fd
+
+  # Object store.
+  def _blob(self):
+    from google.cloud import storage
+    bucket, _, name = self.path.split("://", 1)[1].partition("/")
+    if not hasattr(WorkdirLock, "_client"):
+      WorkdirLock._client = storage.Client()
+    return WorkdirLock._client.bucket(bucket).blob(name)
+
+  def _stale(self, blob, text: str) -> bool:
+    try:
+      holder = json.loads(text)
+    except ValueError:
+      holder = {}
+    if not isinstance(holder, dict):
+      holder = {}
+    if holder.get("host") == self.me["host"] and holder.get("pid") and not _pid_alive(
+        int(holder["pid"])):
+      return True
+    age = time.time() - blob.updated.timestamp()  # the store's clock, not the holder's
+    return age > self.STALE_S
+
+  def _acquire_remote(self) -> None:
+    from google.api_core import exceptions
+    blob = self._blob()
+    while True:
+      try:
+        blob.upload_from_string(self._info(), if_generation_match=0)
+        self._generation = blob.generation
+        break
+      except exceptions.PreconditionFailed:
+        pass
+      try:
+        blob.reload()
+        text = blob.download_as_bytes(if_generation_match=blob.generation).decode(
+            errors="replace")
+      except (exceptions.NotFound, exceptions.PreconditionFailed):
+        continue  # released or replaced meanwhile: look again
+      if not self._stale(blob, text):
+        raise self._refused(text)
+      try:  # take over the stale lock, unless someone else just did
+        blob.upload_from_string(self._info(), if_generation_match=blob.generation)
+        self._generation = blob.generation
+        break
+      except exceptions.PreconditionFailed:
+        continue
+    self._thread = threading.Thread(target=self._keep_fresh, daemon=True,
+                                    name="workdir-lock")
+    self._thread.start()
+
+  def _keep_fresh(self) -> None:
+    while not self._stop.wait(self.REFRESH_S):
+      self.refresh()
+
   def refresh(self) -> None:
-    if self.held and time.time() - self._refreshed > self.REFRESH_S:
-      self._write()
+    """Rewrites a remote lock if it is still ours; marks it ``lost`` otherwise."""
+    if not self.held or self.lost or not fs.is_remote(self.path):
+      return
+    with self._refreshing:
+      self._refresh()
+
+  def _refresh(self) -> None:
+    from google.api_core import exceptions
+    blob = self._blob()
+    try:
+      blob.upload_from_string(self._info(), if_generation_match=self._generation)
+      self._generation = blob.generation
+    except (exceptions.PreconditionFailed, exceptions.NotFound):
+      self.lost = True
+      logging.error("the workdir lock %s was taken by another trainer: this one stops without "
+                    "writing anything more", self.path)
+    except Exception as e:  # noqa: BLE001  (a network blip: try again at the next refresh)
+      logging.warning("could not refresh the workdir lock %s (%s); trying again in %.0f s",
+                      self.path, type(e).__name__, self.REFRESH_S)
+
+  def check(self) -> None:
+    """Raises WorkdirLocked if the lock is lost; on a bucket it is verified (and refreshed)
+    first. Call before writing into the workdir."""
+    self.refresh()
+    if self.lost:
+      raise WorkdirLocked(f"another trainer took over the workdir {self.workdir!r} (its lock "
+                          f"was not refreshed in time): stopped without writing")
 
   def release(self) -> None:
-    if self.held:
-      holder = self._read()
-      if holder is None or holder.get("id") == self.me["id"]:
-        fs.remove(self.path)
-      self.held = False
+    if not self.held:
+      return
+    self.held = False
+    self._stop.set()
+    if self._fd is not None:
+      import contextlib
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(self.path)  # while still locked: the next trainer finds no file or its own
+      os.close(self._fd)
+      self._fd = None
+    elif not self.lost and self._generation is not None:
+      from google.api_core import exceptions
+      try:
+        self._blob().delete(if_generation_match=self._generation)
+      except (exceptions.PreconditionFailed, exceptions.NotFound):
+        pass
 
 
 class StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop checks; a second SIGINT interrupts at once."""
+  """Turns SIGTERM/SIGINT into a flag the train loop checks; a second SIGINT interrupts at once.
 
-  def __init__(self):
+  During start-up (``started()`` not yet called: restoring, preparing data, compiling)
+  there is nothing new to save, and a Spot VM's notice is about 30 s, so a signal stops
+  the process at once: ``StoppedEarly`` is raised in the main thread, and if the main
+  thread is stuck in a long native call (an XLA compile) a watcher thread ends the
+  process after ``HARD_STOP_S`` (``on_hard_stop`` runs first, e.g. to release a lock).
+  """
+  HARD_STOP_S = 5.0
+
+  def __init__(self, on_hard_stop=None):
     self.signal = None
     self._old = {}
+    self._starting = True
+    self._on_hard_stop = on_hard_stop
+    self._wakeup = None
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
       self._old[sig] = signal.signal(sig, self._handle)
     return self
 
+  def started(self) -> None:
+    """The first train step ran: from now on a signal is agreed and saved at a step."""
+    self._starting = False
+
   def _handle(self, signum, frame):
     if self.signal is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.signal = signal.Signals(signum).name
+    if self._starting:
+      raise StoppedEarly(f"{self.signal} received during start-up, before the first step: "
+                         f"stopped; nothing new to save (the same command resumes)")
     logging.warning("%s received: every process will save a checkpoint at the same step "
                     "and stop", self.signal)
 
+  def watch_native_calls(self) -> None:
+    """Starts the watcher for signals that arrive while the main thread is in native code."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+      old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread
+      return
+    self._wakeup = (r, w, old)
+    threading.Thread(target=self._watch, args=(r,), daemon=True, name="stop-watch").start()
+
+  def _watch(self, r: int) -> None:
+    data = b""
+    while not data or data[0] not in (signal.SIGTERM, signal.SIGINT):
+      try:
+        data = os.read(r, 1)
+      except OSError:
+        return
+      if not data:
+        return
+    deadline = time.time() + self.HARD_STOP_S
+    while time.time() < deadline:
+      if not self._starting or self._wakeup is None:
+        return  # handled in Python (StoppedEarly raised or the loop took it)
+      time.sleep(0.1)
+    if self._starting and self._wakeup is not None:
+      import sys
+      print(f"warning: {signal.Signals(data[0]).name} received during start-up (in a long "
+            f"native call): stopped; nothing new to save (the same command resumes)",
+            file=sys.stderr, flush=True)
+      if self._on_hard_stop is not None:
+        self._on_hard_stop()
+      os._exit(0)
+
   def __exit__(self, *exc):
+    if self._wakeup is not None:
+      r, w, old = self._wakeup
+      self._wakeup = None
+      signal.set_wakeup_fd(old)
+      os.close(w)
+      os.close(r)
     for sig, old in self._old.items():
       signal.signal(sig, old)
 
@@ -252,6 +410,7 @@ class MetricWriter:
   def __init__(self, workdir: str, enabled: bool = True, name: str = "",
                flush_every_s: float = 30.0):
     self.enabled = enabled
+    self.before_write = None  # e.g. the workdir lock's check: raises if writing is not allowed
     self._remote = fs.is_remote(workdir)
     self._flush_every_s, self._flushed = flush_every_s, time.time()
     if enabled:
@@ -274,12 +433,20 @@ class MetricWriter:
       self._tb.image(step, tag, image)
       self._maybe_flush()
 
+  def drop_after(self, step: int) -> None:
+    """Removes ``metrics.jsonl`` lines of steps after ``step`` (a resumed run logs them again),
+    so that every step's line is there exactly once after any interruption."""
+    if self.enabled:
+      self._jsonl.keep_lines(lambda line: json.loads(line).get("step", 0) <= step)
+
   def _maybe_flush(self):
     if not self._remote or time.time() - self._flushed > self._flush_every_s:
       self.flush()
 
   def flush(self):
     if self.enabled:
+      if self.before_write is not None:
+        self.before_write()
       self._tb.flush()
       self._jsonl.flush()
       self._flushed = time.time()

@@ -31,7 +31,7 @@ from ddpm_jax import (
   validation,
 )
 from ddpm_jax import state as state_lib
-from ddpm_jax.errors import ConfigError, DivergenceError
+from ddpm_jax.errors import ConfigError, DivergenceError, WorkdirLocked
 from ddpm_jax.state import TrainState
 
 __all__ = ["TrainState", "DivergenceError", "make_train_step", "make_p_train_step",
@@ -67,7 +67,7 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
   T = schedule.num_timesteps
   prediction_type = config.model.prediction_type
   lr_fn = state_lib.make_lr_schedule(config)
-  label_dropout = float(config.training.get("label_dropout", 0.0))
+  label_dropout = float(config_lib.setting(config, "training.label_dropout"))
 
   def train_step(state: TrainState, batch, key):
     x0, labels = ((batch["image"], batch.get("label")) if isinstance(batch, dict)
@@ -196,6 +196,7 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   config_lib.validate(config, jax.device_count())
   workdir = fs.normalize(workdir)
   is_main = parallel.is_main()
+  parallel.process_0_then_all("check the workdir", lambda: fs.check_writable(workdir, "--workdir"))
   t = config.training
   if t.compilation_cache:
     run_utils.enable_compilation_cache()
@@ -206,12 +207,13 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     config_lib.check_compatible(config, saved.to_dict())
 
   lock = run_utils.WorkdirLock(workdir)
-  parallel.process_0_then_all("workdir lock", lock.acquire)
-  try:
-    with run_utils.StopRequest() as stop:
+  with run_utils.StopRequest(on_hard_stop=lock.release) as stop:
+    stop.watch_native_calls()
+    parallel.process_0_then_all("workdir lock", lock.acquire)
+    try:
       return _train(config, workdir, mngr, lock, stop, is_main)
-  finally:
-    lock.release()
+    finally:
+      lock.release()
 
 
 def _train(config, workdir, mngr, lock, stop, is_main):
@@ -242,6 +244,8 @@ def _train(config, workdir, mngr, lock, stop, is_main):
   p_step = make_p_train_step(config, model, schedule, tx)
   state_r = parallel.replicate(state)
   writer = run_utils.MetricWriter(workdir, enabled=is_main)
+  writer.before_write = lock.check
+  writer.drop_after(step)  # lines a killed run logged past its last checkpoint come again
   bar = progress.Progress(t.num_train_steps, "train", "step", initial=step,
                           log_every=t.log_every_steps, per_unit=(t.batch_size, "img"))
   grid_sampler = generate.Sampler(config, model, schedule) if t.sample_every_steps else None
@@ -254,6 +258,8 @@ def _train(config, workdir, mngr, lock, stop, is_main):
         config.eval.num_examples, config.eval.batch_size)
 
   def save(at_step):
+    if is_main:
+      lock.check()  # a trainer that lost its lock writes nothing
     host = parallel.unreplicate(state_r)
     if not all(np.isfinite(x).all() for x in jax.tree.leaves(host.params)):
       logging.error("parameters at step %d are not finite: not saved", at_step)
@@ -263,26 +269,31 @@ def _train(config, workdir, mngr, lock, stop, is_main):
     writer.flush()  # remote logs: lines before a checkpoint are never lost
 
   k = t.steps_per_dispatch
-  loop, pending, agreed = _Loop(step), None, {"stop": False, "save": False}
+  loop, pending, agreed = _Loop(step), None, dict.fromkeys(parallel.REQUESTS, False)
   try:
     while step < t.num_train_steps and not agreed["stop"]:
       batch = jax.tree.map(lambda *b: np.stack(b, axis=1), *[next(batches) for _ in range(k)])
       minutes = (time.time() - loop.last_save_time) / 60
       requests = parallel.requests_array(
           stop=bool(stop), save=bool(t.checkpoint_every_minutes)
-          and minutes > t.checkpoint_every_minutes)
+          and minutes > t.checkpoint_every_minutes, abort=is_main and lock.lost)
       state_r, metrics, agreed_r = p_step(state_r, jax.tree.map(parallel.shard, batch),
                                           train_key, requests)
+      stop.started()
       step += k
-      agreed = {"stop": False, "save": False}
+      agreed = dict.fromkeys(parallel.REQUESTS, False)
       if pending is not None:  # the previous dispatch's metrics and agreed requests
         agreed = _report(pending, writer, bar, config, loop, mngr)
       pending = (step, metrics, agreed_r, loop.last_save_step)
+      _abort_if_asked(agreed, workdir, step)
       if (step % t.checkpoint_every_steps == 0 or step >= t.num_train_steps
           or agreed["save"] or agreed["stop"]):
+        # This dispatch's own line is logged (and flushed) with its checkpoint.
+        now = _report(pending, writer, bar, config, loop, mngr)
+        agreed = {name: agreed[name] or now[name] for name in agreed}
+        pending = None
+        _abort_if_asked(agreed, workdir, step)
         save(step)
-      if is_main:
-        lock.refresh()
       if grid_sampler is not None and step % t.sample_every_steps == 0:
         grid = grid_sampler.grid(parallel.unreplicate(state_r.ema_params), num=16,
                                  labels=grid_labels)
@@ -307,6 +318,12 @@ def _train(config, workdir, mngr, lock, stop, is_main):
     logging.warning("stopped by %s at step %d (checkpoint saved); the same command resumes",
                     who, step)
   return parallel.unreplicate(state_r)
+
+
+def _abort_if_asked(agreed: dict, workdir: str, step: int) -> None:
+  if agreed["abort"]:  # on every process at the same step, before anything is written
+    raise WorkdirLocked(f"another trainer took over the workdir {workdir!r} (its lock was not "
+                        f"refreshed in time): stopped at step {step} without writing")
 
 
 def _report(pending, writer, bar, config, loop: _Loop, mngr) -> dict:

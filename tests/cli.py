@@ -72,10 +72,22 @@ def main_py(*args, cwd, extra_env=None) -> Job:
   return Job([sys.executable, os.path.join(REPO, "main.py"), *args], cwd, extra_env)
 
 
-def launch(processes: int, devices: int, *args, cwd, extra_env=None) -> Job:
-  """The launcher; it gives each process ``devices`` CPU devices (replacing the 4 forced here)."""
+def launch(processes: int, devices: int, *args, cwd, extra_env=None,
+           cluster: str = "explicit") -> Job:
+  """The launcher; it gives each process ``devices`` CPU devices (replacing the 4 forced here).
+
+  ``cluster``: how the processes find the job (see ``ddpm_jax.launch``): explicit variables,
+  a rehearsed Cloud TPU VM slice (``gce-tpu``: metadata servers) or GKE (``gke-tpu``).
+  """
   return Job([sys.executable, "-m", "ddpm_jax.launch", "--processes", str(processes),
-              "--devices-per-process", str(devices), "--", *args], cwd, extra_env)
+              "--devices-per-process", str(devices), "--cluster", cluster, "--", *args], cwd,
+             extra_env)
+
+
+def statuses(job: Job) -> dict[int, str]:
+  """Each process's own exit, as the launcher reports it: {0: "status 0", 1: "signal SIGKILL"}."""
+  return {int(i): what for i, what in
+          re.findall(r"launch: process (\d+) exited with (status -?\d+|signal \w+)", job.output)}
 
 
 def run(job: Job, timeout: float = 600) -> Job:

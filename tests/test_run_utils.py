@@ -4,7 +4,6 @@ filesystem layer, the launcher's environment, progress lines."""
 import json
 import os
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -13,33 +12,72 @@ from ddpm_jax import fs, launch, progress, run_utils
 from ddpm_jax.errors import WorkdirLocked
 
 
-def write_lock(workdir, **holder):
-  with open(os.path.join(workdir, "trainer.lock"), "w") as f:
-    json.dump(holder, f)
-
-
-def test_workdir_lock_refuses_live_holders_and_takes_over_dead_ones(tmp_path):
+def test_workdir_lock_refuses_a_live_holder_and_ignores_torn_files_and_reused_pids(tmp_path):
   w = str(tmp_path)
-  here = socket.gethostname()
-  # A live process on this host.
-  write_lock(w, host=here, pid=os.getppid(), time=time.time(), id="x")
-  with pytest.raises(WorkdirLocked, match=f"pid {os.getppid()} on {here}"):
+  first = run_utils.WorkdirLock(w)
+  first.acquire()
+  with pytest.raises(WorkdirLocked, match=f"pid {os.getpid()} on {socket.gethostname()}"):
     run_utils.WorkdirLock(w).acquire()
-  # Another host that refreshed the lock recently: refused; long ago: taken over.
-  write_lock(w, host="tpu-worker-7", pid=123, time=time.time() - 30, id="y")
-  with pytest.raises(WorkdirLocked, match="tpu-worker-7"):
-    run_utils.WorkdirLock(w).acquire()
-  write_lock(w, host="tpu-worker-7", pid=123, time=time.time() - 3600, id="y")
-  lock = run_utils.WorkdirLock(w)
-  lock.acquire()
-  assert json.load(open(tmp_path / "trainer.lock"))["id"] == lock.me["id"]
-  lock.refresh()  # not due yet: nothing changes
-  lock.release()
+  first.release()
   assert not os.path.exists(tmp_path / "trainer.lock")
-  # A dead process on this host (and the old format, a bare pid) is taken over.
-  with open(tmp_path / "trainer.lock", "w") as f:
-    f.write("999999999")
-  run_utils.WorkdirLock(w).acquire()
+  # What a file says does not matter, only whether a live process holds it: a torn or empty
+  # file (a full disk at start) and a file naming a live pid (reused) are taken at once.
+  for text in ("", '{"host": "', json.dumps({"host": socket.gethostname(),
+                                              "pid": os.getppid()})):
+    (tmp_path / "trainer.lock").write_text(text)
+    lock = run_utils.WorkdirLock(w)
+    lock.acquire()
+    assert json.load(open(tmp_path / "trainer.lock"))["id"] == lock.me["id"]
+    lock.release()
+
+
+def test_workdir_lock_is_freed_when_its_holder_is_killed(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from ddpm_jax import run_utils; "
+       f"run_utils.WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
+       "time.sleep(600)"], stdout=subprocess.PIPE, text=True,
+      env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__))))
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(WorkdirLocked, match=f"pid {holder.pid}"):
+      run_utils.WorkdirLock(str(tmp_path)).acquire()
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  run_utils.WorkdirLock(str(tmp_path)).acquire()  # the kernel dropped the dead holder's lock
+
+
+def test_exactly_one_of_many_simultaneous_trainers_gets_a_local_lock(tmp_path):
+  assert_one_winner(str(tmp_path), 40)
+
+
+def assert_one_winner(workdir: str, n: int) -> None:
+  """n trainers start at once on ``workdir``: exactly one holds the lock (threads; each
+  lock has its own id and file handle, as separate processes would)."""
+  import threading
+  barrier, won, refused, errors = threading.Barrier(n), [], [], []
+
+  def start():
+    lock = run_utils.WorkdirLock(workdir)
+    barrier.wait()
+    try:
+      lock.acquire()
+      won.append(lock)
+    except WorkdirLocked:
+      refused.append(lock)
+    except Exception as e:  # noqa: BLE001
+      errors.append(e)
+  threads = [threading.Thread(target=start) for _ in range(n)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(60)
+  assert not errors, errors[:3]
+  assert (len(won), len(refused)) == (1, n - 1)
+  won[0].release()
 
 
 def test_event_files_are_read_by_tensorboard(tmp_path):
@@ -90,8 +128,31 @@ def test_launcher_environment_of_each_process():
   assert (env["JAX_NUM_PROCESSES"], env["JAX_PROCESS_ID"]) == ("4", "1")
   assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=2"
   assert env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo"
-  from ddpm_jax import parallel
-  assert parallel.is_multi_host_launch(env)
+  # A rehearsed Cloud TPU VM worker: nothing names the job but the metadata server.
+  gce = launch.process_env(1, 2, 1234, 2, base={"JAX_COORDINATOR_ADDRESS": "x:1"},
+                           cluster="gce-tpu", metadata="127.0.0.1:999")
+  assert "JAX_COORDINATOR_ADDRESS" not in gce and "JAX_PROCESS_ID" not in gce
+  assert gce["GCE_METADATA_IP"] == "127.0.0.1:999" and gce["JAX_FORCE_TPU_INIT"] == "1"
+  gke = launch.process_env(1, 2, 1234, 2, base={}, cluster="gke-tpu")
+  assert (gke["TPU_WORKER_HOSTNAMES"], gke["TPU_WORKER_ID"]) == ("localhost,localhost", "1")
+
+
+def test_rehearsed_metadata_server_answers_what_jax_reads():
+  import urllib.error
+  import urllib.request
+  server = launch.metadata_server(1, 3)
+  host, port = server.server_address[:2]
+  base = f"http://{host}:{port}/computeMetadata/v1/instance/attributes/"
+  try:
+    get = lambda k: urllib.request.urlopen(urllib.request.Request(  # noqa: E731
+        base + k, headers={"Metadata-Flavor": "Google"}), timeout=5).read().decode()
+    assert get("agent-worker-number") == "1"
+    assert get("worker-network-endpoints") == "localhost,localhost,localhost"
+    assert get("tpu-env") == ""
+    with pytest.raises(urllib.error.HTTPError):
+      get("nothing-here")
+  finally:
+    server.shutdown()
 
 
 def test_launcher_reports_the_failing_process(tmp_path, capsys):

@@ -76,7 +76,7 @@ def _make_builder(config, root: str):
     return builder, lambda: builder.download_and_prepare(file_format="array_record")
   if base in ("image_folder", "anime_faces"):
     from ddpm_jax.datasets import image_folder
-    return image_folder.make_builder(config, root)
+    return image_folder.make_builder(config, root, data_dir(config))
   try:
     builder = tfds.builder(name, data_dir=root)
   except Exception as e:  # DatasetNotFoundError and friends
@@ -139,6 +139,18 @@ def _download(remote_dir: str, local_dir: str) -> None:
   tmp = local_dir + ".incomplete"
   _copy_variant(remote_dir, tmp)
   os.rename(tmp, local_dir)
+
+
+def prepare(config) -> str:
+  """Prepares ``config.data``'s records (``--mode=prepare``), e.g. on a small VM before a pod
+  starts, and returns where they are: the bucket's folder for a gs:// data_dir."""
+  root = data_dir(config)
+  if fs.is_remote(root):
+    fs.check_writable(root, "data.data_dir")
+  builder = get_builder(config)
+  if fs.is_remote(root):
+    return fs.join(root, _variant(builder, local_records_dir(config)))
+  return os.fspath(builder.data_dir)
 
 
 def get_builder(config):

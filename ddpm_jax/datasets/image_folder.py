@@ -8,6 +8,10 @@ records, not the originals. Files that cannot be decoded (corrupt, truncated,
 empty, not images) are skipped, counted and reported once with example paths.
 The train/test split is a pure function of each file's path relative to the folder
 (md5 hash), so it never changes as long as the files don't.
+
+Prepared records are keyed on the folder's path and contents (every image file's name,
+size and modification time), so a folder that changed (a copy that was still running,
+images added or replaced) is prepared again rather than reused.
 """
 
 from __future__ import annotations
@@ -31,7 +35,22 @@ about 92k 256x256 JPEGs in animefaces256cleaner/) from
   https://www.kaggle.com/datasets/scribbless/another-anime-face-dataset
 (`kaggle datasets download -d scribbless/another-anime-face-dataset`), and put either the
 zip (archive.zip) or the extracted animefaces256cleaner/ folder into the manual folder:
-  --config.data.manual_dir=DIR   (default: <data_dir>/downloads/manual)"""
+  --config.data.manual_dir=DIR   (default: <data_dir>/downloads/manual)
+With a gs:// data_dir the default is in the bucket: `gcloud storage cp archive.zip
+gs://BUCKET/tfds/downloads/manual/` for --config.data.data_dir=gs://BUCKET/tfds."""
+
+# A share of unreadable files above this is reported as an error-level warning: the folder
+# is probably still being copied, or is not what was meant.
+LOUD_SKIP_FRACTION = 0.05
+
+
+def content_tag(folder: str, files: list[str]) -> str:
+  """A short hash of the folder's path and its files' names, sizes and modification times."""
+  h = hashlib.md5(folder.encode())
+  for rel in files:
+    st = os.stat(os.path.join(folder, rel))
+    h.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+  return h.hexdigest()[:10]
 
 
 def class_of(relpath: str) -> str:
@@ -103,8 +122,15 @@ def _builder_classes():
       good = [rel for rel, err in results if err is None]
       if skipped:
         examples = "; ".join(f"{p} ({e[:60]})" for p, e in skipped[:3])
-        logging.warning("skipped %d of %d files in %s that could not be read as images, "
-                        "e.g. %s", len(skipped), len(files), folder, examples)
+        share = len(skipped) / len(files)
+        if share > LOUD_SKIP_FRACTION:
+          logging.error("%.0f%% of the image files in %s could not be read (%d of %d, e.g. "
+                        "%s): is the folder still being copied? Training uses the other %d; "
+                        "once the folder is complete, the next start prepares it again",
+                        100 * share, folder, len(skipped), len(files), examples, len(good))
+        else:
+          logging.warning("skipped %d of %d files in %s that could not be read as images, "
+                          "e.g. %s", len(skipped), len(files), folder, examples)
       if not good:
         raise DatasetError(f"no usable image under {folder!r}: all {len(files)} image files "
                            f"were unreadable, e.g. {skipped[0][0]} ({skipped[0][1][:60]})")
@@ -157,27 +183,50 @@ def find_anime_folder(manual_dir: str) -> str:
   raise DatasetError(f"no anime-face images or zip in {manual_dir!r}.\n" + ANIME_INSTRUCTIONS)
 
 
+def _has_anime_source(manual_dir: str) -> bool:
+  if not os.path.isdir(manual_dir):
+    return False
+  try:
+    find_anime_folder(manual_dir)
+    return True
+  except DatasetError:
+    return False
+
+
 def _local_folder(path: str, what: str) -> str:
   if fs.is_remote(path):
     raise DatasetError(f"{what}={path!r}: source images are read from a local folder; copy "
-                       f"them to this machine first (e.g. gsutil -m cp -r {path} DIR) and pass "
-                       f"DIR. Prepared records may live in a gs:// data.data_dir.")
+                       f"them to this machine first (e.g. gcloud storage cp -r {path} DIR) and "
+                       f"pass DIR. Prepared records may live in a gs:// data.data_dir.")
   return os.path.abspath(os.path.expanduser(path))
 
 
-def make_builder(config, root: str):
-  """(builder on data_dir ``root``, prepare()) for an ``image_folder``/``anime_faces`` config."""
+def make_builder(config, root: str, configured_root: str | None = None):
+  """(builder on data_dir ``root``, prepare()) for an ``image_folder``/``anime_faces`` config.
+
+  ``configured_root`` is the configured data_dir when ``root`` is a local copy of a remote
+  one: the default ``manual_dir`` of anime_faces is then in the bucket."""
   tfds = tfds_module()
   FolderConfig, ImageFolderImages, AnimeFaces = _builder_classes()
   d = config.data
   size = d.image_size
   if d.dataset.startswith("anime_faces"):
-    manual = _local_folder(d.manual_dir, "data.manual_dir") if d.manual_dir else (
-        os.path.join(root, "downloads", "manual"))
+    remote = None  # where the download is in a bucket: the default with a gs:// data_dir
+    if d.manual_dir and fs.is_remote(d.manual_dir):
+      remote = fs.normalize(d.manual_dir)
+    elif not d.manual_dir and configured_root and fs.is_remote(configured_root):
+      remote = fs.join(configured_root, "downloads", "manual")
+    manual = (_local_folder(d.manual_dir, "data.manual_dir") if d.manual_dir and not remote
+              else os.path.join(root, "downloads", "manual"))
     cfg = FolderConfig(name=f"{size}px", folder="", image_size=size)
     builder = AnimeFaces(config=cfg, data_dir=root, file_format="array_record")
 
     def prepare():
+      if remote and not _has_anime_source(manual):
+        if not fs.listdir(remote):
+          raise DatasetError(f"no anime-face download in {remote!r}.\n" + ANIME_INSTRUCTIONS)
+        logging.warning("copying the anime-face download from %s to %s", remote, manual)
+        fs.copytree(remote, manual)
       find_anime_folder(manual)  # a clear error before TFDS starts
       builder.download_and_prepare(file_format="array_record", download_config=
                                    tfds.download.DownloadConfig(manual_dir=manual))
@@ -187,7 +236,7 @@ def make_builder(config, root: str):
   folder = _local_folder(d.folder, "data.folder")
   if not os.path.isdir(folder):
     raise DatasetError(f"image folder {folder!r} does not exist")
-  tag = hashlib.md5(folder.encode()).hexdigest()[:10]
+  tag = content_tag(folder, list_images(folder))
   names = ()
   if config.model.get("num_classes", 0):
     names = class_folders(folder)
