@@ -59,7 +59,7 @@ def _config():
 
 
 def _run(mode: str, config, workdir: str) -> None:
-  from ddpm_jax import evaluate, parallel, sample, train
+  from ddpm_jax import evaluate, modes, parallel, train
   if mode == "train":
     train.train_and_evaluate(config, workdir)
   elif mode == "prepare":
@@ -70,7 +70,7 @@ def _run(mode: str, config, workdir: str) -> None:
   elif mode == "eval":
     evaluate.evaluate(config, workdir)
   else:
-    out = sample.MODES[mode](config, workdir)
+    out = modes.MODES[mode](config, workdir)
     if parallel.is_main():
       print(out)  # the last line: where the files are
 

@@ -4,9 +4,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddpm_jax import run_utils  # noqa: E402
-
-run_utils.set_process_defaults()  # benchmarks are entry points: the project's XLA flags
+# Importing this module changes no environment variable: the entry scripts call
+# run_utils.set_process_defaults() themselves, before JAX starts.
 
 # Python for the peer's venv: defines ``step()``, one Adam step of diffusers' UNet2DModel
 # on the epsilon-MSE loss, batch ``B`` (set before this runs), as diffusers_peer.py does.

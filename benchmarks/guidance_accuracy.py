@@ -46,7 +46,7 @@ def main():
          "heldout_images": int(len(yt)), "samples": args.samples}
   model = models.create_model(config)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  params, out["step"] = generate.load_params(config, args.workdir)
+  params, out["step"] = checkpoint.load_params(config, args.workdir)
   labels = np.arange(args.samples) % len(names)
   for w in (float(s) for s in args.scales.split(",")):
     config.sampling.guidance_scale = w

@@ -27,6 +27,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ddpm_jax import run_utils  # noqa: E402
+
+run_utils.set_process_defaults()  # an entry point: the project's XLA flags, before JAX starts
 from benchmarks.common import DEFAULT_PEER_DIR, PEER_TRAIN_STEP, our_train_step  # noqa: E402
 
 PEER = r'''

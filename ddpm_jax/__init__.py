@@ -6,7 +6,7 @@ Building blocks (import nothing above them):
   models: the Flax U-Net.
   parallel: the one place that pmaps, and where multi-host decisions are made.
   state, checkpoint, generate, validation, input_pipeline, datasets, fs, images, ...
-Orchestration: train, sample, evaluate. The CLI (main.py) sits on top.
+Orchestration: train, modes (the generation modes), evaluate. The CLI (main.py) sits on top.
 
 Importing ddpm_jax changes nothing in the process; entry points call
 ``run_utils.set_process_defaults()`` before JAX starts.

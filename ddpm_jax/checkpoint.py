@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from ddpm_jax import fs, parallel
+from ddpm_jax import fs, parallel, state
 from ddpm_jax.errors import ConfigError, NoCheckpointError, UserError
 
 
@@ -283,3 +283,32 @@ def _tuples(d):
 
 def write_config_json(workdir: str, config) -> None:
   fs.write_json(fs.join(workdir, "config.json"), config.to_dict())
+
+
+def load_params(config, workdir: str, step: int | None = None):
+  """The (EMA, if ``sampling.use_ema``) parameters of the newest readable checkpoint (or of
+  ``step``), and its step: what sampling and eval need, nothing of the optimizer."""
+  mngr = make_manager(workdir, read_only=True, async_save=False)
+  template = state.abstract_train_state(config)
+  restored, step = restore_newest(mngr, workdir, template, None if step is None else [step],
+                                  parts=("params", "ema_params"))
+  if restored is None:
+    raise NoCheckpointError(f"no readable checkpoint in {checkpoint_dir(workdir)!r}: "
+                            f"train first with `python main.py --config CONFIG --workdir "
+                            f"{workdir}`")
+  return restored["ema_params" if config.sampling.use_ema else "params"], step
+
+
+CLASSES_FILE = "classes.json"  # a class-conditional run's class names, in label order
+
+
+def save_class_names(workdir: str, names) -> None:
+  fs.write_json(fs.join(workdir, CLASSES_FILE), list(names))
+
+
+def class_names(workdir: str, num_classes: int) -> tuple:
+  """The run's class names (``<workdir>/classes.json``), or "0", "1", ... without the file."""
+  path = fs.join(workdir, CLASSES_FILE)
+  if fs.exists(path):
+    return tuple(json.loads(fs.read_text(path)))
+  return tuple(str(i) for i in range(num_classes))

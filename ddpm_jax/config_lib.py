@@ -48,8 +48,19 @@ def feature_map_sizes(image_size: int, num_levels: int) -> list[int]:
   return [image_size // 2**i for i in range(num_levels)]
 
 
-def validate(config, num_devices: int = 1) -> None:
-  """Raises ConfigError for the first problem found in ``config``."""
+def check_batch_size(value: int, num_devices: int, what: str) -> int:
+  """The batch per device; ConfigError (with the fix) unless ``value`` is a positive multiple
+  of ``num_devices``. The one place this rule is checked."""
+  if value <= 0 or value % num_devices:
+    raise ConfigError(
+        f"{what}={value} must be a positive multiple of the number of devices ({num_devices}); "
+        f"set --config.{what}={max(num_devices, value // num_devices * num_devices)}")
+  return value // num_devices
+
+
+def validate(config, num_devices: int = 1, training: bool = True) -> None:
+  """Raises ConfigError for the first problem found in ``config``; ``training=False`` (the
+  generation and eval modes) skips what only training uses (its batch on these devices)."""
   d, m, t, s, o = config.data, config.model, config.training, config.sampling, config.optim
   levels = len(m.ch_mult)
   if levels < 1:
@@ -81,18 +92,15 @@ def validate(config, num_devices: int = 1) -> None:
     diffusion.named_betas(config.diffusion.schedule, config.diffusion.num_timesteps)
   except ValueError as e:
     raise ConfigError(f"diffusion.num_timesteps={config.diffusion.num_timesteps}: {e}") from None
-  if t.batch_size <= 0 or t.batch_size % num_devices:
-    raise ConfigError(f"training.batch_size={t.batch_size} is not divisible by the {num_devices} "
-                      f"devices; use a multiple of {num_devices}")
-  if s.batch_size <= 0 or s.batch_size % num_devices:
-    raise ConfigError(f"sampling.batch_size={s.batch_size} is not divisible by the {num_devices} "
-                      f"devices; use a multiple of {num_devices}")
-  if t.steps_per_dispatch < 1:
-    raise ConfigError("training.steps_per_dispatch must be >= 1")
-  for name in ("checkpoint_every_steps", "num_train_steps"):
-    if t[name] % t.steps_per_dispatch:
-      raise ConfigError(f"training.{name}={t[name]} must be a multiple of "
-                        f"training.steps_per_dispatch={t.steps_per_dispatch}")
+  if training:
+    check_batch_size(t.batch_size, num_devices, "training.batch_size")
+    if t.steps_per_dispatch < 1:
+      raise ConfigError("training.steps_per_dispatch must be >= 1")
+    for name in ("checkpoint_every_steps", "num_train_steps"):
+      if t[name] % t.steps_per_dispatch:
+        raise ConfigError(f"training.{name}={t[name]} must be a multiple of "
+                          f"training.steps_per_dispatch={t.steps_per_dispatch}")
+  check_batch_size(s.batch_size, num_devices, "sampling.batch_size")
   if o.optimizer not in ("adam", "adamw"):
     raise ConfigError(f"optim.optimizer={o.optimizer!r}: use 'adam' or 'adamw'")
   if o.lr_schedule not in ("constant", "cosine"):

@@ -46,6 +46,7 @@ from absl import logging
 
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import (
+  config_lib,
   datasets,
   diffusion,
   features,
@@ -57,11 +58,11 @@ from ddpm_jax import (
   models,
   parallel,
   progress,
-  run_utils,
   validation,
+  writers,
 )
 from ddpm_jax.errors import ConfigError, NoCheckpointError
-from ddpm_jax.sample import unclaimed
+from ddpm_jax.modes import unclaimed
 
 
 def strata(T: int, k: int) -> np.ndarray:
@@ -82,11 +83,13 @@ def stratified_timesteps(key, n: int, T: int, k: int) -> tuple[np.ndarray, np.nd
 
 
 def make_term_fn(schedule, eps_fn_p):
-  """Jitted ``term(params, x0, t, noise)`` -> per-image vlb term; build once, reuse."""
-  return jax.jit(lambda p, x, t, z: diffusion.vlb_term(schedule, eps_fn_p(p), x, t, z))
+  """Jitted ``term(params, x0, t, noise, labels=None)`` -> per-image vlb term, with
+  ``eps_fn_p(params, labels) -> eps_fn``; build once, reuse."""
+  return jax.jit(lambda p, x, t, z, y=None: diffusion.vlb_term(schedule, eps_fn_p(p, y), x, t,
+                                                               z))
 
 
-def bound_per_image(schedule, term, params, x0, key, k: int, on_term=None):
+def bound_per_image(schedule, term, params, x0, key, k: int, on_term=None, labels=None):
   """Per-image variational bound in nats (float64 on the host); ``term`` from make_term_fn.
 
   k = 0: every t. k > 0: the prior and the decoder term (t = 0) exactly, and the KL
@@ -103,15 +106,17 @@ def bound_per_image(schedule, term, params, x0, key, k: int, on_term=None):
     weights = np.concatenate([[1.0], w])
   for j, (t, w) in enumerate(zip(rows, weights)):
     z = jax.random.normal(jax.random.fold_in(key, j + 1), x0.shape)
-    total += w * np.asarray(term(params, x0, jnp.asarray(t), z), np.float64)
+    total += w * np.asarray(term(params, x0, jnp.asarray(t), z, labels), np.float64)
     if on_term is not None:
       on_term(1)
   return total
 
 
 def eps_fn_for(config, model, schedule):
-  """``eps_fn_p(params) -> eps_fn(x, t)`` whatever the network predicts (unconditional)."""
-  return lambda p: generate.make_eps_fn(config, model, schedule, p)
+  """``eps_fn_p(params, labels) -> eps_fn(x, t)`` whatever the network predicts: conditioned
+  on ``labels`` (guidance scale 1: the conditional branch), or unconditional for None."""
+  return lambda p, y=None: generate.make_eps_fn(config, model, schedule, p, labels=y,
+                                                guidance_scale=1.0)
 
 
 def checkpoint_steps(workdir: str, which) -> list[int | None]:
@@ -246,6 +251,8 @@ def _flat_scalars(report: dict) -> dict:
   out = {"eval/bits_per_dim": report["bits_per_dim"]}
   for k, v in report["val_loss_per_t_bucket"].items():
     out[f"eval/val_loss_{k}"] = v
+  for k, v in report.get("val_loss_uncond_per_t_bucket", {}).items():
+    out[f"eval/val_loss_uncond_{k}"] = v
   for k, v in report.items():
     if isinstance(v, float) and k not in ("bits_per_dim", "bits_per_dim_stderr"):
       out[f"eval/{k}"] = v
@@ -258,8 +265,13 @@ def _flat_scalars(report: dict) -> dict:
 def _print_table(r: dict) -> None:
   print(f"step {r['step']}: {r['bits_per_dim']:.3f} +- {r['bits_per_dim_stderr'] or 0:.3f} "
         f"bits/dim on {r['num_images']} {r['split']} images ({r['bound']})")
+  if "bits_per_dim_uncond" in r:
+    print(f"  conditioned on each image's label; unconditional branch (null label): "
+          f"{r['bits_per_dim_uncond']:.3f} +- {r['bits_per_dim_uncond_stderr'] or 0:.3f}")
+  uncond = r.get("val_loss_uncond_per_t_bucket", {})
   for name, v in r["val_loss_per_t_bucket"].items():
-    print(f"  eps-MSE {name:>10s}: {v:.4f}")
+    extra = f"   (unconditional {uncond[name]:.4f})" if name in uncond else ""
+    print(f"  eps-MSE {name:>10s}: {v:.4f}{extra}")
   if "num_samples" in r:
     n = f"{r['num_samples']} samples vs {r['num_reference']} training images"
     fid = r["fid"] if isinstance(r["fid"], str) else f"{r['fid']:.2f} (KID {r['kid']:.4f})"
@@ -276,24 +288,43 @@ def _print_table(r: dict) -> None:
           f" vs held-out {m['heldout_nn_rms_median']:.4f} (ratio {m['ratio_median']:.2f})")
 
 
-def bound_report(config, schedule, term, params, heldout: list, step: int) -> dict:
-  """Held-out bits/dim of ``params`` (see the module docstring)."""
+def _bits_per_dim(config, schedule, term, params, heldout: list, labels: list, step: int,
+                  what: str) -> np.ndarray:
   T, k = schedule.num_timesteps, int(config.eval.timesteps_per_image)
   key = jax.random.key(config.sampling.seed)
   bounds = []
   terms = T if k <= 0 else len(strata(T, k))  # network calls per batch
-  with progress.Progress(len(heldout) * terms, f"bits/dim @{step}", "call") as bar:
-    for b, x0 in enumerate(heldout):
+  with progress.Progress(len(heldout) * terms, f"{what} @{step}", "call") as bar:
+    for b, (x0, y) in enumerate(zip(heldout, labels)):
       bounds.append(bound_per_image(schedule, term, params, x0, jax.random.fold_in(key, b), k,
-                                    on_term=bar.update))
-  nats = np.concatenate(bounds)
+                                    on_term=bar.update, labels=y))
   dims = config.data.image_size ** 2 * config.data.num_channels
-  bpd = nats / (dims * math.log(2))
+  return np.concatenate(bounds) / (dims * math.log(2))
+
+
+def _mean_stderr(x: np.ndarray):
+  return float(x.mean()), (float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None)
+
+
+def bound_report(config, schedule, term, params, heldout: list, step: int,
+                 labels: list | None = None, null_labels: list | None = None) -> dict:
+  """Held-out bits/dim of ``params`` (see the module docstring). With ``labels`` (a
+  class-conditional model) the bound is conditioned on each image's label, as the model is
+  trained; ``null_labels`` adds the unconditional branch's bound beside it."""
+  k = int(config.eval.timesteps_per_image)
+  bpd = _bits_per_dim(config, schedule, term, params, heldout,
+                      labels or [None] * len(heldout), step, "bits/dim")
+  mean, stderr = _mean_stderr(bpd)
+  extra = {}
+  if null_labels is not None:
+    uncond = _bits_per_dim(config, schedule, term, params, heldout, null_labels, step,
+                           "bits/dim, unconditional")
+    extra["bits_per_dim_uncond"], extra["bits_per_dim_uncond_stderr"] = _mean_stderr(uncond)
   return {
       "step": int(step), "num_images": int(len(bpd)), "split": config.data.eval_split,
-      "bits_per_dim": float(bpd.mean()),
-      "bits_per_dim_stderr": float(bpd.std(ddof=1) / math.sqrt(len(bpd))) if len(bpd) > 1
-      else None,
+      "bits_per_dim": mean, "bits_per_dim_stderr": stderr,
+      "conditioned_on": "each image's label" if labels else "nothing (unconditional model)",
+      **extra,
       "bound": ("exact over all T" if k <= 0 else
                 f"prior and decoder exact, KL terms from {k} stratified timesteps per image"),
       "params": "ema" if config.sampling.use_ema else "raw",
@@ -333,31 +364,43 @@ def evaluate(config, workdir: str) -> list[dict]:
   Every process computes the same reports (the bound and the validation loss on its
   own first device, samples each its slice); process 0 writes them.
   """
+  config_lib.validate(config, jax.device_count(), training=False)
   ev = config.eval
   workdir = fs.normalize(workdir)
   steps = checkpoint_steps(workdir, ev.checkpoints)
   model = models.create_model(config)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  source = input_pipeline.get_source(config, config.data.eval_split)
+  source = input_pipeline.get_source(config, config.data.eval_split,
+                                     with_labels=model.num_classes > 0)
   val_loss = validation.ValidationLoss(config, model, schedule, source, ev.num_examples,
                                        ev.batch_size)
   term = make_term_fn(schedule, eps_fn_for(config, model, schedule))
   ref = Reference.build(config, source) if ev.num_samples > 0 else None
   sampler = generate.Sampler(config, model, schedule) if ref is not None else None
-  writer = run_utils.MetricWriter(workdir, enabled=parallel.is_main(), name="eval")
+  writer = writers.MetricWriter(workdir, enabled=parallel.is_main(), name="eval")
   reports = []
   try:
     for want in steps:
       try:
-        params, step = generate.load_params(config, workdir, want)
+        params, step = ckpt_lib.load_params(config, workdir, want)
       except NoCheckpointError:
         if want is None:
           raise
         continue  # an unreadable one of several: set aside, with a warning
       # The bound reuses the held-out batches ValidationLoss holds.
-      report = bound_report(config, schedule, term, params, val_loss.batches, step)
+      cond = val_loss.conditional
+      report = bound_report(
+          config, schedule, term, params, val_loss.batches, step,
+          labels=val_loss.labels if cond else None,
+          null_labels=[val_loss.null_labels(x) for x in val_loss.batches] if cond else None)
       report["settings"] = eval_settings(config, step)
-      report["val_loss_per_t_bucket"] = {n: v for n, v in val_loss(params).items() if n != "all"}
+      vl = val_loss(params)
+      report["val_loss_per_t_bucket"] = {n: v for n, v in vl.items()
+                                         if n != "all" and not n.startswith("uncond_")}
+      if cond:
+        report["val_loss_uncond_per_t_bucket"] = {
+            n[len("uncond_"):]: v for n, v in vl.items()
+            if n.startswith("uncond_") and n != "uncond_all"}
       samples_u8 = nearest = None
       if ref is None:
         report["fid"] = report["kid"] = "not computed: eval.num_samples is 0"

@@ -135,6 +135,20 @@ def _no_scheme(p: str) -> str:
   return str(p).split("://", 1)[-1].rstrip("/")
 
 
+def is_dir(p) -> bool:
+  return path(p).is_dir()
+
+
+def walk_files(folder) -> list[str]:
+  """Paths of every file under ``folder`` (recursive; local or remote), sorted."""
+  folder = normalize(folder)
+  base, out = _no_scheme(folder), []
+  for root, _, files in path(folder).walk():
+    rel = _no_scheme(root)[len(base):].lstrip("/")
+    out += [join(folder, rel, f) if rel else join(folder, f) for f in files]
+  return sorted(out)
+
+
 def copytree(src, dst) -> None:
   """Copies a folder tree file by file (local <-> remote, either way)."""
   src, dst = normalize(src), normalize(dst)

@@ -1,5 +1,5 @@
 """Generation from a trained model: the compiled, pmapped ``Sampler``, the global sampling
-loop ``generate`` that every process runs, and ``load_params`` from a workdir.
+loop ``generate`` that every process runs.
 
 Keys: sample ``i``'s starting noise is ``normal(fold_in(key(seed), i))``, a function of
 (seed, i) alone. The noise a stochastic sampler (DDPM, DDIM with eta > 0) adds on the
@@ -12,25 +12,20 @@ process count; the stochastic ones do for a fixed batch size and device count.
 
 from __future__ import annotations
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import (
   config_lib,
   diffusion,
-  fs,
   images,
   models,
   parallel,
   progress,
   sampling,
-  state,
 )
-from ddpm_jax.errors import ConfigError, NoCheckpointError
+from ddpm_jax.errors import ConfigError
 
 
 def make_eps_fn(config, model, schedule, params, labels=None, guidance_scale: float = 1.0):
@@ -171,21 +166,6 @@ class Sampler:
     return images.make_grid(images.to_uint8(x))
 
 
-CLASSES_FILE = "classes.json"  # a class-conditional run's class names, in label order
-
-
-def save_class_names(workdir: str, names) -> None:
-  fs.write_json(fs.join(workdir, CLASSES_FILE), list(names))
-
-
-def class_names(workdir: str, num_classes: int) -> tuple:
-  """The run's class names (``<workdir>/classes.json``), or "0", "1", ... without the file."""
-  path = fs.join(workdir, CLASSES_FILE)
-  if fs.exists(path):
-    return tuple(json.loads(fs.read_text(path)))
-  return tuple(str(i) for i in range(num_classes))
-
-
 def parse_labels(spec, names: tuple, num: int) -> np.ndarray:
   """``sampling.labels`` -> a label per sample: "all" (each class in turn), a class name or
   index, or a comma-separated list of them, cycled over the ``num`` samples."""
@@ -203,21 +183,6 @@ def parse_labels(spec, names: tuple, num: int) -> np.ndarray:
         raise ConfigError(f"sampling.labels: {item!r} is not a class of this model; its "
                           f"classes are {', '.join(names)} (or 0-{len(names) - 1}, or all)")
   return np.resize(np.asarray(wanted, np.int32), num)
-
-
-def load_params(config, workdir: str, step: int | None = None):
-  """The (EMA, if ``sampling.use_ema``) parameters of the newest readable checkpoint (or of
-  ``step``), and its step."""
-  mngr = ckpt_lib.make_manager(workdir, read_only=True, async_save=False)
-  template = state.abstract_train_state(config)
-  restored, step = ckpt_lib.restore_newest(mngr, workdir, template,
-                                           None if step is None else [step],
-                                           parts=("params", "ema_params"))
-  if restored is None:
-    raise NoCheckpointError(f"no readable checkpoint in {ckpt_lib.checkpoint_dir(workdir)!r}: "
-                            f"train first with `python main.py --config CONFIG --workdir "
-                            f"{workdir}`")
-  return restored["ema_params" if config.sampling.use_ema else "params"], step
 
 
 def generate(config, sampler: Sampler, params, num: int, first_sampler: Sampler | None = None,

@@ -20,6 +20,7 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from ddpm_jax import images
+from ddpm_jax.errors import DatasetError
 
 
 class Source(Protocol):
@@ -130,11 +131,12 @@ class TrainBatches:
                random_flip: bool = True, process_index: int = 0, process_count: int = 1,
                local_devices: int = 1, num_workers: int = 8, prefetch: int = 2,
                with_labels: bool = False, num_processes: int = 0):
-    if global_batch % (process_count * local_devices):
-      raise ValueError(f"global batch {global_batch} is not divisible by "
-                       f"{process_count} processes x {local_devices} local devices")
+    from ddpm_jax import config_lib
+    config_lib.check_batch_size(global_batch, process_count * local_devices,
+                                "training.batch_size")
     if len(source) == 0:
-      raise ValueError("the training split is empty")
+      raise DatasetError("the training split is empty: check data.dataset and "
+                         "data.train_split")
     self.source, self.global_batch, self.seed = source, global_batch, seed
     self.random_flip, self.with_labels = random_flip, with_labels
     self.local_batch = global_batch // process_count
@@ -242,10 +244,12 @@ def _worker_read(indices) -> tuple[np.ndarray, list]:
 
 
 def eval_batches(source: Source, batch_size: int, num_examples: int | None = None,
-                 num_workers: int = 8) -> Iterator[np.ndarray]:
-  """The first ``num_examples`` of a split in order, as float32 [-1, 1] (B, H, W, C) batches."""
+                 num_workers: int = 8, with_labels: bool = False) -> Iterator:
+  """The first ``num_examples`` of a split in order, as float32 [-1, 1] (B, H, W, C) batches;
+  with ``with_labels``, (images, int32 labels (B,)) pairs."""
   n = len(source) if num_examples is None else min(num_examples, len(source))
   with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
     for start in range(0, n, batch_size):
-      imgs = np.stack(list(pool.map(source.__getitem__, range(start, min(start + batch_size, n)))))
-      yield images.to_float(imgs)
+      exs = list(pool.map(source.example, range(start, min(start + batch_size, n))))
+      imgs = images.to_float(np.stack([img for img, _ in exs]))
+      yield (imgs, np.array([y for _, y in exs], np.int32)) if with_labels else imgs

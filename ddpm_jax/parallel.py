@@ -22,7 +22,7 @@ decided by one process alone:
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -42,12 +42,8 @@ def is_main() -> bool:
 
 def check_batch_size(global_batch: int, what: str = "training.batch_size") -> int:
   """Returns the per-device batch, or raises a clear error if it does not divide."""
-  n = jax.device_count()
-  if global_batch <= 0 or global_batch % n:
-    raise errors.ConfigError(
-        f"{what}={global_batch} must be a positive multiple of the number of devices ({n}); "
-        f"set --config.{what}={max(n, global_batch // n * n)}")
-  return global_batch // n
+  from ddpm_jax import config_lib
+  return config_lib.check_batch_size(global_batch, jax.device_count(), what)
 
 
 def pmap(fn: Callable, *, in_axes=0, donate_argnums=()) -> Callable:
@@ -100,7 +96,7 @@ def allgather(x: np.ndarray) -> np.ndarray:
 
 # Requests that one process may make and all must act on together: stop (save, then leave),
 # save (a clock says so), abort (process 0 lost the workdir lock: leave without writing).
-REQUESTS = ("stop", "save", "abort")
+REQUESTS = ("stop", "save", "abort")  # Agreed's fields, in order
 
 
 def requests_array(**requests: bool) -> np.ndarray:
@@ -114,10 +110,20 @@ def agree(requests):
   return jax.lax.pmax(requests, AXIS)
 
 
-def read_agreed(agreed) -> dict:
-  """The combined requests (identical on every process) as {name: bool}."""
+class Agreed(NamedTuple):
+  """Requests every process agreed on (the same on each); ``a | b`` combines two."""
+  stop: bool = False
+  save: bool = False
+  abort: bool = False
+
+  def __or__(self, other: Agreed) -> Agreed:
+    return Agreed(*(a or b for a, b in zip(self, other)))
+
+
+def read_agreed(agreed) -> Agreed:
+  """The combined requests (identical on every process)."""
   row = np.asarray(jax.device_get(agreed))[0]
-  return {name: bool(row[i]) for i, name in enumerate(REQUESTS)}
+  return Agreed(*(bool(row[i]) for i in range(len(REQUESTS))))
 
 
 _calls: dict[str, int] = {}

@@ -9,6 +9,7 @@ resumed run draws what an uninterrupted one would.
 from __future__ import annotations
 
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +28,11 @@ from ddpm_jax import (
   models,
   parallel,
   progress,
-  run_utils,
+  signals,
   validation,
+  writers,
 )
+from ddpm_jax import lock as lock_lib
 from ddpm_jax import state as state_lib
 from ddpm_jax.errors import ConfigError, DivergenceError, WorkdirLocked
 from ddpm_jax.state import TrainState
@@ -173,16 +176,7 @@ def _check_classes(names, num_classes: int, workdir: str, is_main: bool) -> None
                       f"model.num_classes={num_classes}: set --config.model.num_classes="
                       f"{len(names)}")
   if is_main:
-    generate.save_class_names(workdir, names)
-
-
-class _Loop:
-  """What the loop carries between dispatches: throughput, non-finite streak, saves."""
-
-  def __init__(self, step: int):
-    self.rate_time, self.rate_step = time.time(), step
-    self.bad_streak = 0
-    self.last_save_step, self.last_save_time = step, time.time()
+    ckpt_lib.save_class_names(workdir, names)
 
 
 def train_and_evaluate(config, workdir: str) -> TrainState:
@@ -198,16 +192,14 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
   is_main = parallel.is_main()
   parallel.process_0_then_all("check the workdir", lambda: fs.check_writable(workdir, "--workdir"))
   t = config.training
-  if t.compilation_cache:
-    run_utils.enable_compilation_cache()
   mngr = ckpt_lib.make_manager(workdir, max_to_keep=t.keep_checkpoints,
                                keep_period=t.keep_period or None)
   if mngr.latest_step() is not None:
     saved, _ = ckpt_lib.newest_config(mngr, workdir)
     config_lib.check_compatible(config, saved.to_dict())
 
-  lock = run_utils.WorkdirLock(workdir)
-  with run_utils.StopRequest(on_hard_stop=lock.release) as stop:
+  lock = lock_lib.WorkdirLock(workdir)
+  with signals.StopRequest(on_hard_stop=lock.release) as stop:
     stop.watch_native_calls()
     parallel.process_0_then_all("workdir lock", lock.acquire)
     try:
@@ -241,115 +233,156 @@ def _train(config, workdir, mngr, lock, stop, is_main):
       process_index=jax.process_index(), process_count=jax.process_count(),
       local_devices=jax.local_device_count(), num_workers=config.data.num_workers,
       with_labels=model.num_classes > 0, num_processes=config.data.get("num_processes", 0))
-  p_step = make_p_train_step(config, model, schedule, tx)
-  state_r = parallel.replicate(state)
-  writer = run_utils.MetricWriter(workdir, enabled=is_main)
+  writer = writers.MetricWriter(workdir, enabled=is_main)
   writer.before_write = lock.check
   writer.drop_after(step)  # lines a killed run logged past its last checkpoint come again
-  bar = progress.Progress(t.num_train_steps, "train", "step", initial=step,
-                          log_every=t.log_every_steps, per_unit=(t.batch_size, "img"))
-  grid_sampler = generate.Sampler(config, model, schedule) if t.sample_every_steps else None
-  grid_labels = (generate.parse_labels("all", source.class_names, 16) if model.num_classes
-                 else None)
-  val_loss = None
-  if t.get("eval_every_steps", 0):
-    val_loss = validation.ValidationLoss(
-        config, model, schedule, input_pipeline.get_source(config, config.data.eval_split),
-        config.eval.num_examples, config.eval.batch_size)
-
-  def save(at_step):
-    if is_main:
-      lock.check()  # a trainer that lost its lock writes nothing
-    host = parallel.unreplicate(state_r)
-    if not all(np.isfinite(x).all() for x in jax.tree.leaves(host.params)):
-      logging.error("parameters at step %d are not finite: not saved", at_step)
-      return
-    ckpt_lib.save(mngr, at_step, host, config, force=True)
-    loop.last_save_step, loop.last_save_time = at_step, time.time()
-    writer.flush()  # remote logs: lines before a checkpoint are never lost
-
-  k = t.steps_per_dispatch
-  loop, pending, agreed = _Loop(step), None, dict.fromkeys(parallel.REQUESTS, False)
+  run = _Run(config, workdir, mngr, lock, stop, writer, step, parallel.replicate(state),
+             make_p_train_step(config, model, schedule, tx), train_key, batches,
+             _SideWork(config, model, schedule, source))
   try:
-    while step < t.num_train_steps and not agreed["stop"]:
-      batch = jax.tree.map(lambda *b: np.stack(b, axis=1), *[next(batches) for _ in range(k)])
-      minutes = (time.time() - loop.last_save_time) / 60
-      requests = parallel.requests_array(
-          stop=bool(stop), save=bool(t.checkpoint_every_minutes)
-          and minutes > t.checkpoint_every_minutes, abort=is_main and lock.lost)
-      state_r, metrics, agreed_r = p_step(state_r, jax.tree.map(parallel.shard, batch),
-                                          train_key, requests)
-      stop.started()
-      step += k
-      agreed = dict.fromkeys(parallel.REQUESTS, False)
-      if pending is not None:  # the previous dispatch's metrics and agreed requests
-        agreed = _report(pending, writer, bar, config, loop, mngr)
-      pending = (step, metrics, agreed_r, loop.last_save_step)
-      _abort_if_asked(agreed, workdir, step)
-      if (step % t.checkpoint_every_steps == 0 or step >= t.num_train_steps
-          or agreed["save"] or agreed["stop"]):
-        # This dispatch's own line is logged (and flushed) with its checkpoint.
-        now = _report(pending, writer, bar, config, loop, mngr)
-        agreed = {name: agreed[name] or now[name] for name in agreed}
-        pending = None
-        _abort_if_asked(agreed, workdir, step)
-        save(step)
-      if grid_sampler is not None and step % t.sample_every_steps == 0:
-        grid = grid_sampler.grid(parallel.unreplicate(state_r.ema_params), num=16,
-                                 labels=grid_labels)
-        if is_main:
-          writer.image(step, "samples/ema", grid)
-          images.save_png(fs.join(workdir, "samples", "during_training", f"step{step}.png"),
-                          grid)
-      if val_loss is not None and step % t.eval_every_steps == 0:
-        vl = val_loss(parallel.unreplicate(state_r.ema_params))
-        writer.scalars(step, {f"val/loss_{name}": v for name, v in vl.items()})
-    if pending is not None:
-      _report(pending, writer, bar, config, loop, mngr)
-    if agreed["stop"] and mngr.latest_step() != step:
-      save(step)
+    agreed = run.loop()
   finally:
     mngr.wait_until_finished()
     batches.close()
-    bar.close()
+    run.bar.close()
     writer.close()
-  if agreed["stop"]:
+  if agreed.stop:
     who = stop.signal or "a stop signal to another process of this job"
     logging.warning("stopped by %s at step %d (checkpoint saved); the same command resumes",
-                    who, step)
-  return parallel.unreplicate(state_r)
+                    who, run.step)
+  return parallel.unreplicate(run.state_r)
 
 
-def _abort_if_asked(agreed: dict, workdir: str, step: int) -> None:
-  if agreed["abort"]:  # on every process at the same step, before anything is written
-    raise WorkdirLocked(f"another trainer took over the workdir {workdir!r} (its lock was not "
-                        f"refreshed in time): stopped at step {step} without writing")
+class _Dispatch(NamedTuple):
+  """One dispatched group of train steps whose results are read one dispatch later."""
+  step: int  # the step after it
+  metrics: Any  # on the devices
+  agreed: Any  # the requests every process made with it, combined (on the devices)
+  last_save_step: int  # the latest save when it was dispatched
 
 
-def _report(pending, writer, bar, config, loop: _Loop, mngr) -> dict:
-  """Logs one dispatch's metrics and returns the requests all processes agreed on with it.
+class _SideWork:
+  """EMA sample grids every ``training.sample_every_steps`` and the held-out loss every
+  ``training.eval_every_steps`` (off when 0)."""
 
-  A save request made before the latest save is dropped (that save answered it).
-  """
-  t = config.training
-  step, metrics, agreed_r, last_save_at_dispatch = pending
-  agreed = parallel.read_agreed(agreed_r)
-  agreed["save"] = agreed["save"] and last_save_at_dispatch == loop.last_save_step
-  m = summarize_metrics(metrics, config.diffusion.num_timesteps)
-  loop.bad_streak = loop.bad_streak + m["skipped"] if m["last_skipped"] else 0
-  if (step % t.log_every_steps < t.steps_per_dispatch or step >= t.num_train_steps
-      or loop.bad_streak):
-    now = time.time()
-    m["steps_per_s"] = (step - loop.rate_step) / max(now - loop.rate_time, 1e-9)
-    m["images_per_s"] = m["steps_per_s"] * t.batch_size
-    loop.rate_time, loop.rate_step = now, step
-    m.pop("last_skipped")
-    writer.scalars(step, m)
-  if loop.bad_streak >= t.max_bad_steps:
-    raise DivergenceError(
-        f"training diverged: {loop.bad_streak} consecutive steps with non-finite loss or "
-        f"gradients up to step {step}; the last good checkpoint is step {mngr.latest_step()}. "
-        f"Lower --config.optim.learning_rate or check the data, then rerun to resume from it.")
-  bar.update(t.steps_per_dispatch, {"loss": f"{m['loss']:.4f}"})
-  return agreed
+  def __init__(self, config, model, schedule, source):
+    t = config.training
+    self.config = config
+    self.grid_sampler = generate.Sampler(config, model, schedule) if t.sample_every_steps else None
+    self.grid_labels = (generate.parse_labels("all", source.class_names, 16)
+                        if model.num_classes else None)
+    self.val_loss = None
+    if t.get("eval_every_steps", 0):
+      self.val_loss = validation.ValidationLoss(
+          config, model, schedule,
+          input_pipeline.get_source(config, config.data.eval_split,
+                                    with_labels=model.num_classes > 0),
+          config.eval.num_examples, config.eval.batch_size)
 
+  def __call__(self, step: int, state_r, writer, workdir: str) -> None:
+    t = self.config.training
+    if self.grid_sampler is not None and step % t.sample_every_steps == 0:
+      grid = self.grid_sampler.grid(parallel.unreplicate(state_r.ema_params), num=16,
+                                    labels=self.grid_labels)
+      if parallel.is_main():
+        writer.image(step, "samples/ema", grid)
+        images.save_png(fs.join(workdir, "samples", "during_training", f"step{step}.png"),
+                        grid)
+    if self.val_loss is not None and step % t.eval_every_steps == 0:
+      vl = self.val_loss(parallel.unreplicate(state_r.ema_params))
+      writer.scalars(step, {f"val/loss_{name}": v for name, v in vl.items()})
+
+
+class _Run:
+  """The train loop of one start: dispatch, report one dispatch late, save, side work."""
+
+  def __init__(self, config, workdir, mngr, lock, stop, writer, step, state_r, p_step,
+               train_key, batches, side_work):
+    self.config, self.t, self.workdir = config, config.training, workdir
+    self.mngr, self.lock, self.stop, self.writer = mngr, lock, stop, writer
+    self.step, self.state_r, self.p_step, self.train_key = step, state_r, p_step, train_key
+    self.batches, self.side_work = batches, side_work
+    self.bar = progress.Progress(self.t.num_train_steps, "train", "step", initial=step,
+                                 log_every=self.t.log_every_steps,
+                                 per_unit=(self.t.batch_size, "img"))
+    self.rate_time, self.rate_step = time.time(), step  # throughput since the last log
+    self.bad_streak = 0  # consecutive non-finite steps
+    self.last_save_step, self.last_save_time = step, time.time()
+
+  def loop(self) -> parallel.Agreed:
+    t, pending, agreed = self.t, None, parallel.Agreed()
+    while self.step < t.num_train_steps and not agreed.stop:
+      dispatched = self.dispatch()
+      agreed = self.report(pending) if pending is not None else parallel.Agreed()
+      pending = dispatched
+      self.abort_if_asked(agreed)
+      if (self.step % t.checkpoint_every_steps == 0 or self.step >= t.num_train_steps
+          or agreed.save or agreed.stop):
+        agreed |= self.report(pending)  # the checkpoint's own step is logged with it
+        pending = None
+        self.abort_if_asked(agreed)
+        self.save()
+      self.side_work(self.step, self.state_r, self.writer, self.workdir)
+    if pending is not None:
+      self.report(pending)
+    if agreed.stop and self.mngr.latest_step() != self.step:
+      self.save()
+    return agreed
+
+  def dispatch(self) -> _Dispatch:
+    """Runs the next ``steps_per_dispatch`` steps with this process's requests."""
+    t, k = self.t, self.t.steps_per_dispatch
+    batch = jax.tree.map(lambda *b: np.stack(b, axis=1), *[next(self.batches) for _ in range(k)])
+    minutes = (time.time() - self.last_save_time) / 60
+    requests = parallel.requests_array(
+        stop=bool(self.stop),
+        save=bool(t.checkpoint_every_minutes) and minutes > t.checkpoint_every_minutes,
+        abort=parallel.is_main() and self.lock.lost)
+    self.state_r, metrics, agreed = self.p_step(
+        self.state_r, jax.tree.map(parallel.shard, batch), self.train_key, requests)
+    self.stop.started()
+    self.step += k
+    return _Dispatch(self.step, metrics, agreed, self.last_save_step)
+
+  def report(self, d: _Dispatch) -> parallel.Agreed:
+    """Logs a dispatch's metrics; returns the requests every process agreed on with it (a
+    save request made before the latest save is dropped: that save answered it)."""
+    t = self.t
+    agreed = parallel.read_agreed(d.agreed)
+    agreed = agreed._replace(save=agreed.save and d.last_save_step == self.last_save_step)
+    m = summarize_metrics(d.metrics, self.config.diffusion.num_timesteps)
+    self.bad_streak = self.bad_streak + m["skipped"] if m["last_skipped"] else 0
+    if (d.step % t.log_every_steps < t.steps_per_dispatch or d.step >= t.num_train_steps
+        or self.bad_streak):
+      now = time.time()
+      m["steps_per_s"] = (d.step - self.rate_step) / max(now - self.rate_time, 1e-9)
+      m["images_per_s"] = m["steps_per_s"] * t.batch_size
+      self.rate_time, self.rate_step = now, d.step
+      m.pop("last_skipped")
+      self.writer.scalars(d.step, m)
+    if self.bad_streak >= t.max_bad_steps:
+      raise DivergenceError(
+          f"training diverged: {self.bad_streak} consecutive steps with non-finite loss or "
+          f"gradients up to step {d.step}; the last good checkpoint is step "
+          f"{self.mngr.latest_step()}. Lower --config.optim.learning_rate or check the data, "
+          f"then rerun to resume from it.")
+    self.bar.update(t.steps_per_dispatch, {"loss": f"{m['loss']:.4f}"})
+    return agreed
+
+  def save(self) -> None:
+    """Saves the current step (every process takes part; process 0 writes the logs)."""
+    if parallel.is_main():
+      self.lock.check()  # a trainer that lost its lock writes nothing
+    host = parallel.unreplicate(self.state_r)
+    if not all(np.isfinite(x).all() for x in jax.tree.leaves(host.params)):
+      logging.error("parameters at step %d are not finite: not saved", self.step)
+      return
+    ckpt_lib.save(self.mngr, self.step, host, self.config, force=True)
+    self.last_save_step, self.last_save_time = self.step, time.time()
+    self.writer.flush()  # remote logs: lines before a checkpoint are never lost
+
+  def abort_if_asked(self, agreed: parallel.Agreed) -> None:
+    if agreed.abort:  # on every process at the same step, before anything is written
+      raise WorkdirLocked(f"another trainer took over the workdir {self.workdir!r} (its lock "
+                          f"was not refreshed in time): stopped at step {self.step} without "
+                          f"writing")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax import generate, models
+from ddpm_jax import models
 from ddpm_jax import state as state_lib
 from ddpm_jax.errors import ConfigError, UserError
 from tests.conftest import tiny_config
@@ -53,13 +53,13 @@ def test_sampling_reads_the_parameters_whatever_the_optimizer(tmp_path):
   state = _workdir_with_two_checkpoints(tmp_path, tiny_config())
   # A "read-only" sample with another optimizer: the parameters are all it needs.
   changed = tiny_config(**{"optim.optimizer": "adam", "optim.grad_clip_norm": 0.0})
-  params, step = generate.load_params(changed, str(tmp_path))
+  params, step = ckpt_lib.load_params(changed, str(tmp_path))
   assert step == 4
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.ema_params), strict=True):
     np.testing.assert_array_equal(a, b)
   # ... but not with another network.
   with pytest.raises(ConfigError, match="network settings"):
-    generate.load_params(tiny_config(**{"model.ch": 24}), str(tmp_path))
+    ckpt_lib.load_params(tiny_config(**{"model.ch": 24}), str(tmp_path))
   assert _steps(tmp_path) == [2, 4]
 
 

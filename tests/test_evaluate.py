@@ -28,7 +28,7 @@ def test_bound_exact_sum_matches_closed_form_and_stratified_estimate_is_unbiased
   T, mu, sd, n, d = 200, 0.1, 0.4, 512, 3
   s = diffusion.make_schedule("linear", T)
   eps_fn = analytic.gaussian_eps_fn(s, mu, sd)
-  term = evaluate.make_term_fn(s, lambda p: eps_fn)
+  term = evaluate.make_term_fn(s, lambda p, y=None: eps_fn)
   x0 = mu + sd * jax.random.normal(jax.random.key(0), (n, d))
   key = jax.random.key(1)
   exact = evaluate.bound_per_image(s, term, None, x0, key, 0)
@@ -375,3 +375,46 @@ def test_a_weights_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path
   if where == "zip_state_dict":
     pickle.loads(buf.getvalue())
     assert marker.exists()
+
+
+def test_a_conditional_model_is_validated_with_its_labels_and_unconditionally_beside():
+  """Validation loss and bits/dim measure what is trained (each image's label); the null
+  label's branch is reported beside them, not instead."""
+  import jax
+  import jax.numpy as jnp
+
+  from ddpm_jax import diffusion, input_pipeline, models, validation
+  from ddpm_jax import evaluate as ev
+  from tests.conftest import tiny_config
+  config = tiny_config(**{"model.num_classes": 3, "eval.timesteps_per_image": 2})
+  model = models.create_model(config)
+  params = models.init_params(model, jax.random.key(1), 8, 3)
+  # A network whose output depends on the label: at initialisation the class embedding,
+  # each residual branch's last convolution and the output layer are zero; perturb them all.
+  leaves, tree = jax.tree.flatten(params)
+  params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(jax.random.key(i), x.shape)
+                                     for i, x in enumerate(leaves)])
+  rng = np.random.default_rng(0)
+  source = input_pipeline.ArraySource(rng.integers(0, 255, (6, 8, 8, 3), np.uint8),
+                                      np.array([0, 1, 2, 0, 1, 2], np.int32), ("a", "b", "c"))
+  schedule = diffusion.make_schedule("linear", config.diffusion.num_timesteps)
+  vl = validation.ValidationLoss(config, model, schedule, source, 6, 4)
+  out = vl(params)
+  assert vl.conditional and {"all", "uncond_all"} <= set(out)
+  # The same numbers by hand: labelled, then null-labelled.
+  def by_hand(labels):
+    losses = [diffusion.per_example_loss(
+        schedule, lambda xt, tt, y=y: models.apply(model, params, xt, tt, y), x,
+        jnp.asarray(vl.t[i * 4:i * 4 + len(x)]), z, config.model.prediction_type)
+        for i, (x, z, y) in enumerate(zip(vl.batches, vl.noise, labels))]
+    return float(np.concatenate([np.asarray(v) for v in losses]).mean())
+  np.testing.assert_allclose(out["all"], by_hand(vl.labels), rtol=1e-5)
+  np.testing.assert_allclose(out["uncond_all"], by_hand([vl.null_labels(x) for x in vl.batches]),
+                             rtol=1e-5)
+  assert abs(out["all"] - out["uncond_all"]) > 1e-4
+  term = ev.make_term_fn(schedule, ev.eps_fn_for(config, model, schedule))
+  report = ev.bound_report(config, schedule, term, params, vl.batches, 0, labels=vl.labels,
+                           null_labels=[vl.null_labels(x) for x in vl.batches])
+  assert report["conditioned_on"] == "each image's label"
+  assert np.isfinite(report["bits_per_dim_uncond"])
+  assert report["bits_per_dim"] != report["bits_per_dim_uncond"]

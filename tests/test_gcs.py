@@ -178,15 +178,16 @@ def test_a_damaged_checkpoint_in_a_bucket_is_set_aside_there(tmp_path, in_proces
 
 
 def test_the_lock_on_a_bucket_holds(tmp_path, in_process_gcs):
-  from ddpm_jax import fs, run_utils
+  from ddpm_jax import fs
+  from ddpm_jax import lock as lock_lib
   from ddpm_jax.errors import UserError, WorkdirLocked
   from tests.test_run_utils import assert_one_winner
   assert_one_winner("gs://bkt/contended", 40)
-  a = run_utils.WorkdirLock("gs://bkt/lock")
+  a = lock_lib.WorkdirLock("gs://bkt/lock")
   a.acquire()
   with pytest.raises(WorkdirLocked, match="in use by a running trainer"):
-    run_utils.WorkdirLock("gs://bkt/lock").acquire()
-  b = run_utils.WorkdirLock("gs://bkt/lock")
+    lock_lib.WorkdirLock("gs://bkt/lock").acquire()
+  b = lock_lib.WorkdirLock("gs://bkt/lock")
   b.STALE_S = 0.0  # as if a's last refresh were long ago (a lost VM)
   b.acquire()
   a.refresh()  # a learns that it lost the lock ...
@@ -243,3 +244,33 @@ def test_prepare_mode_fills_the_bucket_from_a_zip_in_the_bucket(tmp_path, gcs):
   prefix = where[len("gs://bkt/"):] + "/"
   names = list_gcs(url, prefix)
   assert prefix + "dataset_info.json" in names and any("array_record" in n for n in names)
+
+
+def test_generation_inputs_and_masks_are_read_from_a_bucket(in_process_gcs):
+  import io
+
+  import numpy as np
+  from PIL import Image
+
+  from ddpm_jax import modes
+  url = in_process_gcs["STORAGE_EMULATOR_HOST"]
+  rng = np.random.default_rng(0)
+  for name in ("a.png", "sub/b.jpg"):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (12, 12, 3), np.uint8)).save(
+        buf, "PNG" if name.endswith("png") else "JPEG")
+    write_gcs(url, f"inputs/{name}", buf.getvalue())
+  mask = np.zeros((12, 12), np.uint8)
+  mask[:, 6:] = 255  # keep the right half
+  for stem in ("a", "b"):
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, "PNG")
+    write_gcs(url, f"masks/{stem}.png", buf.getvalue())
+  files = modes.input_files("gs://bkt/inputs")
+  assert files == ["gs://bkt/inputs/a.png", "gs://bkt/inputs/sub/b.jpg"]
+  assert modes.load_inputs(files, 8).shape == (2, 8, 8, 3)
+  config = tiny_config(**{"sampling.mask_dir": "gs://bkt/masks"})
+  masks = modes.load_masks(config, files)
+  assert masks.shape == (2, 8, 8, 1)
+  np.testing.assert_array_equal(masks[:, :, :4, 0], 0)
+  np.testing.assert_array_equal(masks[:, :, 4:, 0], 1)

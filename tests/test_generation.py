@@ -266,7 +266,7 @@ def test_img2img_one_step_is_the_exact_posterior_mean_at_t_start(schedule, stren
   E[x0 | x_t] of Gaussian data at that level. A sampler that ignores t_start (starts at
   T-1) or starts elsewhere (2 t_start) gives another shrinkage."""
   from ddpm_jax.generate import steps_from
-  from ddpm_jax.sample import t_start_of
+  from ddpm_jax.modes import t_start_of
   mean, std = 0.3, 0.5
   eps_fn = analytic.gaussian_eps_fn(schedule, mean, std)
   t = t_start_of(strength, 1000)
@@ -306,7 +306,7 @@ def test_img2img_at_strength_one_is_sampling_and_small_strength_stays_close(sche
   """Strength 1 starts from q(x_T-1 | input), practically pure noise: the outputs match
   unconditional sampling with the same sampler in distribution, whatever the input. A
   small strength keeps the outputs near the input."""
-  from ddpm_jax.sample import t_start_of
+  from ddpm_jax.modes import t_start_of
   mean, std = 0.3, 0.5
   eps_fn = analytic.gaussian_eps_fn(schedule, mean, std)
   inputs = jnp.full((N, 4), -0.4)  # far from the data's mean, same value everywhere
@@ -338,7 +338,7 @@ def test_timesteps_of_a_shortened_run():
   assert ts[0] == 49 and ts[-1] == 0 and len(ts) == 5
   # Any strength > 0 takes at least one step, at its t_start, with every sampler and spacing.
   from ddpm_jax.generate import steps_from
-  from ddpm_jax.sample import t_start_of
+  from ddpm_jax.modes import t_start_of
   for strength in (1e-9, 0.004, 0.01, 0.02, 0.05, 0.3):
     t = t_start_of(strength, 100)
     n = steps_from(5, t, 100)
@@ -379,6 +379,7 @@ def hair_classifier(config):
 
 
 def test_guided_samples_show_the_asked_class_more_often_than_unguided(conditional):
+  from ddpm_jax import checkpoint as ckpt_lib
   from ddpm_jax import diffusion as diff
   from ddpm_jax import generate, images, models
   config, workdir = conditional
@@ -386,7 +387,7 @@ def test_guided_samples_show_the_asked_class_more_often_than_unguided(conditiona
   classify = hair_classifier(config)
   model = models.create_model(config)
   schedule = diff.make_schedule("linear", config.diffusion.num_timesteps)
-  params, _ = generate.load_params(config, workdir)
+  params, _ = ckpt_lib.load_params(config, workdir)
   labels = generate.parse_labels("all", ("black", "blonde", "blue"), 96)
   acc = {}
   for w in (0.0, 3.0):
@@ -398,12 +399,12 @@ def test_guided_samples_show_the_asked_class_more_often_than_unguided(conditiona
 
 
 def test_generation_modes_on_the_conditional_model(conditional, tmp_path):
-  from ddpm_jax import sample
+  from ddpm_jax import modes
   config, workdir = conditional
   config.sampling.guidance_scale = 3.0
   config.sampling.num_frames = 0
   config.sampling.labels = "blue"
-  out = sample_dir = sample.sample_and_save(config, workdir)
+  out = sample_dir = modes.sample_and_save(config, workdir)
   used = json.load(open(os.path.join(out, "sampling.json")))
   assert set(used["labels"]) == {"blue"} and used["guidance_scale"] == 3.0
   assert (np.load(os.path.join(out, "samples.npz"))["labels"] == 2).all()
@@ -412,15 +413,15 @@ def test_generation_modes_on_the_conditional_model(conditional, tmp_path):
   # samples stay; the same settings again reuse their folder.
   ema_images = np.load(os.path.join(out, "samples.npz"))["images"]
   config.sampling.use_ema = False
-  raw = sample.sample_and_save(config, workdir)
+  raw = modes.sample_and_save(config, workdir)
   assert raw == out + "-2"
   np.testing.assert_array_equal(np.load(os.path.join(out, "samples.npz"))["images"], ema_images)
   assert json.load(open(os.path.join(raw, "sampling.json")))["use_ema"] is False
   config.sampling.use_ema = True
-  assert sample.sample_and_save(config, workdir) == out
+  assert modes.sample_and_save(config, workdir) == out
 
   # A model that can reconstruct: DDIM inversion and back comes close to the held-out images.
-  rec = sample.reconstruct_and_save(config, workdir)
+  rec = modes.reconstruct_and_save(config, workdir)
   report = json.load(open(os.path.join(rec, "error.json")))
   # 17.7 dB here (20 steps, 300 training steps); decoding unrelated noise scores 8.5.
   assert report["psnr_db"] > 15 and report["num_images"] == 8, report
@@ -433,7 +434,7 @@ def test_generation_modes_on_the_conditional_model(conditional, tmp_path):
   config.sampling.inputs = str(inputs)
   config.sampling.mask = "strokes"
   config.sampling.resample_steps = 2
-  out = sample.inpaint_and_save(config, workdir)
+  out = modes.inpaint_and_save(config, workdir)
   d = np.load(os.path.join(out, "inpaint.npz"))
   m = d["masks"]
   assert d["results"].shape == (3, 8, 8, 3) and 0 < m.mean() < 1
@@ -444,28 +445,28 @@ def test_generation_modes_on_the_conditional_model(conditional, tmp_path):
   # Strength 1 is sampling: the same seed gives the first samples of --mode=sample (the same
   # noise, labels and timesteps; the inputs enter x_T only as sqrt(alpha_bar_99) = 0.006 x).
   config.sampling.strength = 1.0
-  one = sample.img2img_and_save(config, workdir)
+  one = modes.img2img_and_save(config, workdir)
   assert json.load(open(os.path.join(one, "sampling.json")))["timesteps"] == used["timesteps"]
   plain = np.load(os.path.join(sample_dir, "samples.npz"))["samples"][:3]
   assert np.abs(np.load(os.path.join(one, "img2img.npz"))["samples"] - plain).max() < 0.05
 
   config.sampling.strength = 0.3
-  out = sample.img2img_and_save(config, workdir)
+  out = modes.img2img_and_save(config, workdir)
   used = json.load(open(os.path.join(out, "sampling.json")))
   assert used["t_start"] == 29 and used["timesteps"][0] == 29 and used["num_steps"] == 6
   assert np.load(os.path.join(out, "img2img.npz"))["results"].shape == (3, 8, 8, 3)
 
-  out = sample.interpolate_images_and_save(config, workdir, num_points=5)
+  out = modes.interpolate_images_and_save(config, workdir, num_points=5)
   strip = np.load(os.path.join(out, "interpolation.npz"))["images"]
   assert strip.shape == (1, 5, 8, 8, 3)  # one pair (the third input is left out)
 
 
 def test_modes_work_on_a_copy_and_say_each_forced_setting_once(caplog):
-  from ddpm_jax import sample
+  from ddpm_jax import modes
   config = tiny_config(**{"sampling.eta": 0.5, "sampling.sampler": "dpm_solver_pp"})
   del config.sampling["resample_steps"]  # as in a config saved by an older version
   with caplog.at_level("INFO"):
-    used = sample.mode_config(config, "reconstruct", eta=0.0, sampler="ddim")
+    used = modes.mode_config(config, "reconstruct", eta=0.0, sampler="ddim")
   assert config.sampling.eta == 0.5 and config.sampling.sampler == "dpm_solver_pp"  # untouched
   assert "resample_steps" not in config.sampling
   assert used.sampling.eta == 0.0 and used.sampling.sampler == "ddim"
@@ -474,19 +475,19 @@ def test_modes_work_on_a_copy_and_say_each_forced_setting_once(caplog):
   assert said == ["--mode=reconstruct uses sampling.eta=0.0 (the config has 0.5)",
                   "--mode=reconstruct uses sampling.sampler='ddim' (the config has "
                   "'dpm_solver++')"], said
-  assert sample.mode_config(config, "sample").sampling.sampler == "dpm_solver++"  # one name
+  assert modes.mode_config(config, "sample").sampling.sampler == "dpm_solver++"  # one name
 
 
 def test_dpm_solver_alias_with_resampling_is_one_clear_line(tmp_path):
   """Inpainting with sampler=dpm_solver_pp (the alias) and resample_steps > 1: a ConfigError
   before anything is loaded, the same as with the canonical name; the samplers say the same."""
-  from ddpm_jax import config_lib, sample
+  from ddpm_jax import config_lib, modes
   from ddpm_jax.errors import ConfigError
   for name in ("dpm_solver++", "dpm_solver_pp"):
     config = tiny_config(**{"sampling.sampler": name, "sampling.resample_steps": 3})
     config_lib.validate(config)  # a valid config: only inpainting cannot resample with it
     with pytest.raises(ConfigError, match="multistep") as err:
-      sample.inpaint_and_save(config, str(tmp_path / "nothing_here"))
+      modes.inpaint_and_save(config, str(tmp_path / "nothing_here"))
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="multistep"):
       sampling.sample(name, lambda x, t: x, diffusion.make_schedule("linear", 100),
@@ -499,15 +500,15 @@ def test_dpm_solver_alias_with_resampling_is_one_clear_line(tmp_path):
 
 def test_sampling_json_counts_every_step_ddpm_takes():
   """DDPM takes all T steps (t_start + 1 for img2img), whatever sampling.num_steps says."""
-  from ddpm_jax import generate, models, sample
+  from ddpm_jax import generate, models, modes
   config = tiny_config(**{"sampling.sampler": "ddpm", "sampling.num_steps": 5})
   model = models.create_model(config)
   sched = diffusion.make_schedule("linear", 100)
-  report = sample.settings_report(config, generate.Sampler(config, model, sched), 7, "sample")
+  report = modes.settings_report(config, generate.Sampler(config, model, sched), 7, "sample")
   assert report["num_steps"] == 100 == len(report["timesteps"])
   assert report["timesteps"] == list(range(99, -1, -1))
-  report = sample.settings_report(config, generate.Sampler(config, model, sched, t_start=29), 7,
-                                  "img2img")
+  report = modes.settings_report(config, generate.Sampler(config, model, sched, t_start=29), 7,
+                                 "img2img")
   assert report["num_steps"] == 30 and report["timesteps"][0] == 29
   assert report["settings"]["sampling"]["num_steps"] == 5  # and every setting is recorded
   assert report["settings"]["sampling"]["use_ema"] is True and report["settings"]["mode"] == \
@@ -518,7 +519,7 @@ def test_earlier_results_with_other_settings_are_never_overwritten(tmp_path):
   """``unclaimed``: a folder (or an eval report) made with other settings is kept, the new
   results go to name-2, name-3, ...; the same settings reuse their own folder."""
   from ddpm_jax import fs
-  from ddpm_jax.sample import unclaimed
+  from ddpm_jax.modes import unclaimed
   base = str(tmp_path / "samples" / "step4_ddim5_eta0_seed0")
   folder = lambda k: base if k == 1 else f"{base}-{k}"  # noqa: E731
   record = lambda d: os.path.join(d, "sampling.json")  # noqa: E731
@@ -541,26 +542,26 @@ def test_earlier_results_with_other_settings_are_never_overwritten(tmp_path):
 
 
 def test_masks_built_in_and_from_files(tmp_path):
-  from ddpm_jax import sample
+  from ddpm_jax import modes
   from ddpm_jax.errors import ConfigError, InputError
-  centre = sample.builtin_mask("center", 8, 0)
+  centre = modes.builtin_mask("center", 8, 0)
   assert centre[4, 4] == 0 and centre[0, 0] == 1 and centre.mean() == 0.75
-  assert sample.builtin_mask("left", 8, 0)[:, :4].sum() == 0
-  strokes = sample.builtin_mask("strokes", 32, 0)
+  assert modes.builtin_mask("left", 8, 0)[:, :4].sum() == 0
+  strokes = modes.builtin_mask("strokes", 32, 0)
   assert 0.2 < strokes.mean() < 0.99 and not np.array_equal(
-      strokes, sample.builtin_mask("strokes", 32, 1))
+      strokes, modes.builtin_mask("strokes", 32, 1))
   with pytest.raises(ConfigError, match="sampling.mask"):
-    sample.builtin_mask("circle", 8, 0)
+    modes.builtin_mask("circle", 8, 0)
   (tmp_path / "masks").mkdir()
   Image.fromarray(np.tile(np.array([0, 255], np.uint8).repeat(8), (16, 1))).save(
       tmp_path / "masks" / "a.png")
   config = tiny_config(**{"sampling.mask_dir": str(tmp_path / "masks")})
-  m = sample.load_masks(config, ["x/a.jpg"])
+  m = modes.load_masks(config, ["x/a.jpg"])
   assert m.shape == (1, 8, 8, 1) and m[0, :, :4].sum() == 0 and m[0, :, 4:].min() == 1
   with pytest.raises(InputError, match="no mask named b"):
-    sample.load_masks(config, ["x/b.png"])
+    modes.load_masks(config, ["x/b.png"])
   with pytest.raises(InputError, match="needs input images"):
-    sample.input_files(None)
+    modes.input_files(None)
   (tmp_path / "bad.png").write_text("not an image")
   with pytest.raises(InputError, match="cannot read .*bad.png"):
-    sample.load_inputs([str(tmp_path / "bad.png")], 8)
+    modes.load_inputs([str(tmp_path / "bad.png")], 8)

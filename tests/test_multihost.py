@@ -66,9 +66,10 @@ def test_sample_and_eval_run_on_both_processes_and_match_one_process(pod):
   assert job.output.count("/samples/step24_") == 2  # the log line and the printed folder, p0 only
   two = np.load(os.path.join(out, "samples.npz"))["images"]
   # The same samples from this process (4 devices): sample i depends only on (seed, i).
+  from ddpm_jax import checkpoint as ckpt_lib
   from ddpm_jax import diffusion, generate, models
   config = tiny_config(**{"data.data_dir": str(root / "tfds"), **OVERRIDES})
-  params, step = generate.load_params(config, str(w))
+  params, step = ckpt_lib.load_params(config, str(w))
   model = models.create_model(config)
   schedule = diffusion.make_schedule("linear", config.diffusion.num_timesteps)
   one, _ = generate.generate(config, generate.Sampler(config, model, schedule), params, 8)
@@ -125,8 +126,8 @@ def test_failures_of_several_processes_end_every_process_with_one_line(tmp_path,
   root = tmp_path
   # Process 0 fails inside process_0_then_all (the workdir lock is held by another trainer):
   # every process prints the same line and exits 1 at once, not after a long wait.
-  from ddpm_jax import run_utils
-  held = run_utils.WorkdirLock(str(tmp_path / "busy"))
+  from ddpm_jax import lock as lock_lib
+  held = lock_lib.WorkdirLock(str(tmp_path / "busy"))
   held.acquire()
   try:
     start = time.time()

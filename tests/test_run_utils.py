@@ -8,16 +8,17 @@ import socket
 import numpy as np
 import pytest
 
-from ddpm_jax import fs, launch, progress, run_utils
+from ddpm_jax import fs, launch, progress, writers
+from ddpm_jax import lock as lock_lib
 from ddpm_jax.errors import WorkdirLocked
 
 
 def test_workdir_lock_refuses_a_live_holder_and_ignores_torn_files_and_reused_pids(tmp_path):
   w = str(tmp_path)
-  first = run_utils.WorkdirLock(w)
+  first = lock_lib.WorkdirLock(w)
   first.acquire()
   with pytest.raises(WorkdirLocked, match=f"pid {os.getpid()} on {socket.gethostname()}"):
-    run_utils.WorkdirLock(w).acquire()
+    lock_lib.WorkdirLock(w).acquire()
   first.release()
   assert not os.path.exists(tmp_path / "trainer.lock")
   # What a file says does not matter, only whether a live process holds it: a torn or empty
@@ -25,7 +26,7 @@ def test_workdir_lock_refuses_a_live_holder_and_ignores_torn_files_and_reused_pi
   for text in ("", '{"host": "', json.dumps({"host": socket.gethostname(),
                                               "pid": os.getppid()})):
     (tmp_path / "trainer.lock").write_text(text)
-    lock = run_utils.WorkdirLock(w)
+    lock = lock_lib.WorkdirLock(w)
     lock.acquire()
     assert json.load(open(tmp_path / "trainer.lock"))["id"] == lock.me["id"]
     lock.release()
@@ -36,18 +37,18 @@ def test_workdir_lock_is_freed_when_its_holder_is_killed(tmp_path):
   import subprocess
   import sys
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from ddpm_jax import run_utils; "
-       f"run_utils.WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
+      [sys.executable, "-c", "import sys, time; from ddpm_jax import lock as lock_lib; "
+       f"lock_lib.WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); "
        "time.sleep(600)"], stdout=subprocess.PIPE, text=True,
       env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__))))
   try:
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(WorkdirLocked, match=f"pid {holder.pid}"):
-      run_utils.WorkdirLock(str(tmp_path)).acquire()
+      lock_lib.WorkdirLock(str(tmp_path)).acquire()
   finally:
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-  run_utils.WorkdirLock(str(tmp_path)).acquire()  # the kernel dropped the dead holder's lock
+  lock_lib.WorkdirLock(str(tmp_path)).acquire()  # the kernel dropped the dead holder's lock
 
 
 def test_exactly_one_of_many_simultaneous_trainers_gets_a_local_lock(tmp_path):
@@ -61,7 +62,7 @@ def assert_one_winner(workdir: str, n: int) -> None:
   barrier, won, refused, errors = threading.Barrier(n), [], [], []
 
   def start():
-    lock = run_utils.WorkdirLock(workdir)
+    lock = lock_lib.WorkdirLock(workdir)
     barrier.wait()
     try:
       lock.acquire()
@@ -82,7 +83,7 @@ def assert_one_winner(workdir: str, n: int) -> None:
 
 def test_event_files_are_read_by_tensorboard(tmp_path):
   from tensorboard.backend.event_processing import event_accumulator
-  writer = run_utils.MetricWriter(str(tmp_path))
+  writer = writers.MetricWriter(str(tmp_path))
   writer.scalars(1, {"loss": 0.5, "skipped": 0})
   writer.scalars(2, {"loss": 0.25, "skipped": 1})
   writer.image(2, "samples/ema", np.full((6, 4, 3), 200, np.uint8))

@@ -38,7 +38,7 @@ def test_four_devices_equal_one_device_on_the_same_global_batch():
   for seed in (0, 1):
     sr, m4, agreed = p_step(sr, parallel.shard(batch(8, seed=seed).reshape(4, 1, 2, 8, 8, 3)),
                             key, parallel.requests_array(save=seed == 1))
-    assert parallel.read_agreed(agreed) == {"stop": False, "save": seed == 1, "abort": False}
+    assert parallel.read_agreed(agreed) == parallel.Agreed(stop=False, save=seed == 1)
   s4 = parallel.unreplicate(sr)
   np.testing.assert_allclose(float(m4["loss"][0, 0]), float(m1["loss"]), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(s4.params), jax.tree.leaves(s1.params)):
@@ -190,7 +190,7 @@ def test_multi_step_dispatch_equals_single_steps():
 
 @pytest.mark.parametrize("bad,match", [
     ({"data.image_size": 12, "model.ch_mult": (1, 2, 2, 2)}, "must be divisible by"),
-    ({"training.batch_size": 6}, "not divisible by the 4 devices"),
+    ({"training.batch_size": 6}, r"batch_size=6 must be a positive multiple of .* \(4\)"),
     ({"model.attn_resolutions": (5,)}, "feature maps"),
     ({"diffusion.schedule": "sigmoid"}, "unknown diffusion.schedule"),
     ({"sampling.sampler": "euler"}, "unknown sampling.sampler"),
@@ -204,7 +204,7 @@ def test_invalid_configs_fail_with_one_line(bad, match):
 
 def test_absurd_learning_rate_is_stopped_and_the_last_checkpoint_still_samples(tmp_path,
                                                                                 data_dir):
-  from ddpm_jax import sample as sample_lib
+  from ddpm_jax import modes as sample_lib
   config = tiny_config(**{"data.data_dir": data_dir, "optim.learning_rate": 1e30,
                           "optim.warmup_steps": 0, "optim.grad_clip_norm": 0.0,
                           "training.num_train_steps": 50, "training.checkpoint_every_steps": 1,

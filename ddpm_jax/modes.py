@@ -12,6 +12,7 @@ writes the files into ``<workdir>/samples/<name>/`` (local or ``gs://``).
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -21,6 +22,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageDraw
 
+from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import (
   config_lib,
   diffusion,
@@ -33,7 +35,7 @@ from ddpm_jax import (
   sampling,
 )
 from ddpm_jax.errors import ConfigError, InputError
-from ddpm_jax.generate import Sampler, load_params
+from ddpm_jax.generate import Sampler
 
 MASKS = ("center", "left", "strokes")
 
@@ -100,8 +102,8 @@ def _setup(config, workdir, what, mode, **extra):
 
   The folder is ``<workdir>/samples/<name>``, or ``<name>-2``, ... where ``<name>`` holds
   results made with other settings (``unclaimed``)."""
-  config_lib.validate(config, jax.device_count())
-  params, step = load_params(config, workdir)
+  config_lib.validate(config, jax.device_count(), training=False)
+  params, step = ckpt_lib.load_params(config, workdir)
   model = models.create_model(config)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   name = config.sampling.name or "_".join(filter(None, [what, default_name(config, step)]))
@@ -135,7 +137,7 @@ def _labels(config, model, workdir: str, num: int):
   """(a label per sample, class names) for a class-conditional model; (None, ()) otherwise."""
   if not model.num_classes:
     return None, ()
-  names = generate.class_names(workdir, model.num_classes)
+  names = ckpt_lib.class_names(workdir, model.num_classes)
   return generate.parse_labels(config.sampling.labels, names, num), names
 
 
@@ -262,8 +264,8 @@ def input_files(spec) -> list[str]:
     raise InputError("this mode needs input images: --config.sampling.inputs=FOLDER or "
                      "--config.sampling.inputs=a.png,b.jpg")
   items = [x.strip() for x in str(spec).split(",") if x.strip()]
-  if len(items) == 1 and not fs.is_remote(items[0]) and os.path.isdir(items[0]):
-    files = [os.path.join(items[0], f) for f in images.list_images(items[0])]
+  if len(items) == 1 and fs.is_dir(items[0]):  # a folder, local or gs://
+    files = [f for f in fs.walk_files(items[0]) if f.lower().endswith(images.EXTENSIONS)]
     if not files:
       raise InputError(f"sampling.inputs: no image files ({', '.join(images.EXTENSIONS)}) "
                        f"under {items[0]!r}")
@@ -322,7 +324,7 @@ def load_masks(config, files: list[str]) -> np.ndarray:
       raise InputError(f"sampling.mask_dir: no mask named {stem}.* for input {f!r} in "
                        f"{s.mask_dir!r}")
     try:
-      with Image.open(fs.join(s.mask_dir, cands[0])) as im:
+      with Image.open(io.BytesIO(fs.read_bytes(fs.join(s.mask_dir, cands[0])))) as im:
         grey = im.convert("L").resize((size, size), Image.NEAREST)
     except Exception as e:  # noqa: BLE001
       raise InputError(f"sampling.mask_dir: cannot read {cands[0]!r} as an image ({e})") from None
