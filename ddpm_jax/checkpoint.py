@@ -46,6 +46,23 @@ def make_manager(workdir: str, *, max_to_keep: int | None = 3, keep_period: int 
       "state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
 
 
+def _reader(workdir: str) -> ocp.CheckpointManager:
+  """A read-only manager private to this process: its reads wait for no other process.
+
+  A manager shared by the processes of a job synchronises them inside each call (orbax's
+  barriers); a process whose read failed before such a barrier then left the others
+  waiting there for good. Every process reads whole arrays onto its own host anyway, and
+  the outcomes are combined afterwards (``parallel.exchange``)."""
+  me = jax.process_index()
+  options = ocp.CheckpointManagerOptions(
+      read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          primary_host=me, active_processes={me},
+          barrier_sync_key_prefix=f"ddpm_jax_reader_{me}"))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers={
+      "state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
+
+
 def save(manager: ocp.CheckpointManager, step: int, state, config, *, force: bool = False) -> bool:
   """Saves host state (numpy pytree) and config at ``step``; async if the manager is."""
   return manager.save(step, args=ocp.args.Composite(
@@ -203,9 +220,10 @@ def restore_newest(manager: ocp.CheckpointManager, workdir: str, template,
                     f"by every host?")
   parts = tuple(parts or _paths_top(template))
   _quiet_closed_loop_callbacks()
+  reader = _reader(workdir) if jax.process_count() > 1 else manager
   set_aside = []
   for step in candidates:
-    mine = _attempt(manager, step, template, parts, retries)
+    mine = _attempt(reader, step, template, parts, retries)
     outcomes = [o.split("\t", 1) for o in parallel.exchange(
         f"restore {step}", f"{mine.kind}\t{mine.message}")]
     kinds = [k for k, _ in outcomes]
@@ -239,6 +257,7 @@ def restore_newest(manager: ocp.CheckpointManager, workdir: str, template,
                     dst or "checkpoints_unreadable/")
     set_aside.append(step)
     manager.reload()
+    reader.reload()
   if set_aside and len(set_aside) == len(candidates) and steps is None:
     raise UserError(
         f"every checkpoint in {checkpoint_dir(workdir)} is damaged (steps "

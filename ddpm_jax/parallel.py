@@ -246,3 +246,19 @@ def initialize_distributed(env=None) -> None:
     # JAX found no cluster and no coordinator was named: a single-process run.
     if "coordinator_address should be defined" not in str(e):
       raise
+    return
+  _start_together(float(env.get("DDPM_JAX_INIT_TIMEOUT_S", INIT_TIMEOUT_S)))
+
+
+def _start_together(timeout_s: float) -> None:
+  """CPU collectives (gloo) set up their connections at the first collective, and a process
+  that gets there more than 30 s after another (a slow host, a compile that took longer
+  under load) fails it ("Gloo context initialization failed: DEADLINE_EXCEEDED"), which
+  aborted whole jobs. So every process first waits for the others (up to ``timeout_s``)
+  and then runs one tiny collective over all devices; later collectives wait for a late
+  process as long as it takes (a dead one ends them at once)."""
+  if jax.process_count() == 1 or jax.devices()[0].platform != "cpu":
+    return
+  exchange("start", "ready", timeout_s)
+  ones = np.ones((jax.local_device_count(), 1), np.float32)
+  jax.pmap(lambda x: jax.lax.psum(x, "all"), axis_name="all")(ones).block_until_ready()

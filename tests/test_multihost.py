@@ -164,9 +164,14 @@ from ddpm_jax import checkpoint as ckpt_lib, errors, state as state_lib
 from configs import tiny
 mngr = ckpt_lib.make_manager({workdir!r}, read_only=True, async_save=False)
 if jax.process_index() == 1:  # a read error on this process alone (a 403, say)
-  def denied(*a, **k):
-    raise PermissionError("403 Forbidden (injected)")
-  mngr.restore = denied
+  private_reader = ckpt_lib._reader
+  def reader_that_is_denied(workdir):
+    reader = private_reader(workdir)
+    def denied(*a, **k):
+      raise PermissionError("403 Forbidden (injected)")
+    reader.restore = denied
+    return reader
+  ckpt_lib._reader = reader_that_is_denied
 try:
   ckpt_lib.restore_newest(mngr, {workdir!r}, state_lib.abstract_train_state(tiny.get_config()),
                           retries=0)
@@ -195,3 +200,30 @@ def test_a_read_error_on_one_process_ends_every_process_and_moves_nothing(tmp_pa
   assert "could not be read (process 1): PermissionError: 403" in errors[0][1]
   assert _steps(tmp_path / "w") == [2, 4]
   assert not (tmp_path / "w" / "checkpoints_unreadable").exists()
+
+
+SLOW_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {repo!r})
+from ddpm_jax import run_utils
+run_utils.set_process_defaults()
+from ddpm_jax import parallel
+parallel.initialize_distributed()
+import jax, numpy as np
+f = jax.pmap(lambda x: jax.lax.psum(x, "i"), axis_name="i")
+if jax.process_index() == 1:
+  time.sleep({delay})  # a first compile that took longer on this host, say
+print("psum", float(np.asarray(f(np.ones((jax.local_device_count(), 1))))[0, 0]), flush=True)
+"""
+
+
+def test_a_host_slow_to_reach_its_first_collective_does_not_kill_the_job(tmp_path, capfd):
+  """Gloo gives up on a peer that is over 30 s late to the first collective (seen: a job
+  aborted under load inside its first train step); processes start together instead."""
+  from ddpm_jax import launch
+  script = tmp_path / "slow.py"
+  script.write_text(SLOW_SCRIPT.format(repo=cli.REPO, delay=35))
+  rc = launch.launch([], 2, 1, script=str(script), grace_s=60)
+  out = "".join(capfd.readouterr())
+  assert rc == 0, out[-3000:]
+  assert out.count("psum 2.0") == 2, out[-3000:]
