@@ -27,13 +27,13 @@ def main():
   run_utils.set_process_defaults()
   import numpy as np
 
-  from ddpm_jax import checkpoint, diffusion, generate, images, input_pipeline, models
+  from ddpm_jax import checkpoint, datasets, diffusion, generate, images, models
   config, _ = checkpoint.newest_config(
       checkpoint.make_manager(args.workdir, read_only=True, async_save=False), args.workdir)
   config.sampling.num_frames = 0
 
   def load(split, n):
-    src = input_pipeline.get_source(config, split, with_labels=True)
+    src = datasets.get_source(config, split, with_labels=True)
     ex = [src.example(i) for i in range(min(n, len(src)))]
     return np.stack([e[0] for e in ex]), np.array([e[1] for e in ex]), src.class_names
 

@@ -37,10 +37,10 @@ def config_for(folder, size, data_dir, workers):
 def child(args):
   """Runs in the pinned subprocess: img/s of TrainBatches."""
   os.sched_setaffinity(0, set(range(args.cores)))
-  from ddpm_jax import input_pipeline, run_utils
+  from ddpm_jax import datasets, input_pipeline, run_utils
   run_utils.set_process_defaults()
   c = config_for(args.folder, args.size, args.data_dir, args.workers)
-  source = input_pipeline.get_source(c, "train")
+  source = datasets.get_source(c, "train")
   batches = input_pipeline.TrainBatches(source, args.batch, seed=0, random_flip=True,
                                         num_workers=args.workers, prefetch=2,
                                         num_processes=args.processes)
@@ -79,10 +79,10 @@ def main():
   cores = [int(c) for c in args.cores.split(",")] if args.cores else sorted(
       {min(2**i, ncpu) for i in range(8) if 2**i <= ncpu} | {ncpu})
   rows = []
-  from ddpm_jax import input_pipeline, run_utils
+  from ddpm_jax import datasets, run_utils
   run_utils.set_process_defaults()
   for size in (int(s) for s in args.sizes.split(",")):
-    input_pipeline.get_source(config_for(args.folder, size, args.data_dir, 8), "train")  # prepare
+    datasets.get_source(config_for(args.folder, size, args.data_dir, 8), "train")  # prepare
     for k in cores:
       readers = [(w, 0) for w in (int(x) for x in args.workers.split(","))] + [
           (2, n) for n in (int(x) for x in args.processes.split(",")) if n <= 2 * k]

@@ -189,7 +189,7 @@ class Reference:
     extractors = [features.random_conv()]
     if ev.inception_weights:
       extractors.append(features.inception(ev.inception_weights, ev.inception_sha256))
-    train_u8 = _load_uint8(input_pipeline.get_source(config, config.data.train_split),
+    train_u8 = _load_uint8(datasets.get_source(config, config.data.train_split),
                            ev.nn_max_train)
     ref_u8 = train_u8[:ev.num_reference]
     heldout = _load_uint8(heldout_source, ev.num_examples)
@@ -370,7 +370,7 @@ def evaluate(config, workdir: str) -> list[dict]:
   steps = checkpoint_steps(workdir, ev.checkpoints)
   model = models.create_model(config)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  source = input_pipeline.get_source(config, config.data.eval_split,
+  source = datasets.get_source(config, config.data.eval_split,
                                      with_labels=model.num_classes > 0)
   val_loss = validation.ValidationLoss(config, model, schedule, source, ev.num_examples,
                                        ev.batch_size)

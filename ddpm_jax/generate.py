@@ -52,13 +52,18 @@ def steps_from(num_steps: int, t_start: int, num_timesteps: int) -> int:
 class Sampler:
   """A compiled, pmapped sampler for one config; reused across batches and parameters.
 
-  ``t_start`` makes it an image-to-image sampler (it starts from x at that timestep);
-  ``inpaint`` makes it keep known pixels (``run(..., known=, mask=)``) with
-  ``sampling.resample_steps`` RePaint jumps.
+  Entry points: ``__call__`` (samples for global sample indices: the noise of sample i is
+  drawn from (seed, i)), ``run`` (from given starting points), ``invert`` (DDIM
+  inversion) and ``grid``. One key rule for the sampler's own randomness (eta > 0, DDPM):
+  batch ``batch_key`` uses ``fold_in(key(seed + 1), batch_key)``, then the device index.
+
+  ``t_start`` makes it an image-to-image sampler (it starts from x at that timestep).
+  ``run(..., known=, mask=)`` keeps known pixels (inpainting); ``resample_steps`` > 1
+  adds that many RePaint jumps per step (``sampling.resample_steps`` for the inpaint mode).
   """
 
   def __init__(self, config, model, schedule, num_frames: int = 0, t_start: int | None = None,
-               inpaint: bool = False):
+               resample_steps: int = 1):
     s = config.sampling
     self.config, self.schedule, self.num_frames = config, schedule, num_frames
     self.model, self.t_start = model, t_start
@@ -67,8 +72,8 @@ class Sampler:
     if t_start is not None:
       num_steps = steps_from(s.num_steps, t_start, schedule.num_timesteps)
     self.num_steps = num_steps
-    resample = int(config_lib.setting(config, "sampling.resample_steps")) if inpaint else 1
-    if inpaint:
+    resample = int(resample_steps)
+    if resample > 1:
       sampling.check_resampling(s.sampler, resample)
     guidance_scale = config_lib.setting(config, "sampling.guidance_scale")
 
@@ -110,6 +115,10 @@ class Sampler:
       labels = np.full((n,), self.model.num_classes, np.int32)
     return np.asarray(labels, np.int32).reshape(jax.local_device_count(), -1)
 
+  def _key(self, seed: int | None, batch_key: int) -> jax.Array:
+    seed = self.config.sampling.seed if seed is None else seed
+    return jax.random.fold_in(jax.random.key(seed + 1), batch_key)
+
   def __call__(self, params, indices: np.ndarray, seed: int, batch_key: int, labels=None):
     """Samples for global sample ``indices`` (a multiple of the local device count).
 
@@ -117,7 +126,7 @@ class Sampler:
     """
     n_dev = jax.local_device_count()
     x_T = self.noise(seed, indices).reshape((n_dev, -1) + self.shape)
-    key = jax.random.fold_in(jax.random.key(seed + 1), batch_key)
+    key = self._key(seed, batch_key)
     out = self._p_sample(self._params(params), x_T, key, self._labels(labels, len(indices)),
                          None, None)
     if self.num_frames:
@@ -140,20 +149,17 @@ class Sampler:
     return np.asarray(jax.device_get(out)).reshape((-1,) + x.shape[1:])[:n]
 
   def run(self, params, x_start: np.ndarray, batch_key: int = 0, labels=None, known=None,
-          mask=None) -> np.ndarray:
+          mask=None, seed: int | None = None) -> np.ndarray:
     """Samples from given starting points (N, H, W, C): noise, or x at ``t_start``; with
-    ``known`` images and their ``mask`` (1 = keep) for an inpainting sampler."""
-    key = jax.random.fold_in(jax.random.key(self.config.sampling.seed + 1), batch_key)
+    ``known`` images and their ``mask`` (1 = keep), inpainting. Frames are not returned.
+    ``seed`` defaults to ``sampling.seed``."""
+    key = self._key(seed, batch_key)
 
     def fn(p, x, y, k, m):
       out = self._p_sample(p, x, key, y, k, m)
       return out[0] if self.num_frames else out
     as32 = lambda a: None if a is None else np.asarray(a, np.float32)  # noqa: E731
     return self._per_device(fn, params, as32(x_start), labels, as32(known), as32(mask))
-
-  def from_noise(self, params, x_T: np.ndarray, batch_key: int = 0, labels=None) -> np.ndarray:
-    """Samples from given starting noise (N, H, W, C); frames are not recorded."""
-    return self.run(params, x_T, batch_key, labels)
 
   def invert(self, params, x0: np.ndarray, labels=None) -> np.ndarray:
     """DDIM inversion of images in [-1, 1] to starting noise x_T."""

@@ -1,4 +1,5 @@
-"""Input pipeline: TFDS-prepared records, random access, deterministic order, per-process shards.
+"""Input pipeline: batches from a data source (``ddpm_jax.datasets.get_source``), in a
+deterministic order, per-process shards.
 
 The order of training examples is a pure function of (seed, step): for example
 ``i = step * global_batch + j`` of the run, epoch ``e = i // N`` uses the permutation
@@ -15,98 +16,13 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import threading
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import numpy as np
 
 from ddpm_jax import images
+from ddpm_jax.datasets.sources import Source, TfdsArraySource
 from ddpm_jax.errors import DatasetError
-
-
-class Source(Protocol):
-  """Random access to a split: ``len(source)``, ``source[i] -> uint8 (H, W, C)`` and
-  ``source.example(i) -> (image, label or None)``; ``class_names`` is () without labels."""
-  class_names: tuple
-  def __len__(self) -> int: ...
-  def __getitem__(self, i: int) -> np.ndarray: ...
-  def example(self, i: int) -> tuple: ...
-
-
-class TfdsArraySource:
-  """A split of a TFDS dataset prepared in ArrayRecord format, read by index."""
-
-  def __init__(self, builder, split: str, image_key: str, image_size: int,
-               label_key: str | None = None, class_names: tuple = ()):
-    self._ds = builder.as_data_source(split=split)
-    self._key, self._size, self._label_key = image_key, image_size, label_key
-    self.class_names = class_names
-    self.spec = {"builder_dir": str(builder.data_dir), "split": split, "image_key": image_key,
-                 "image_size": image_size, "label_key": label_key}
-
-  @classmethod
-  def from_spec(cls, spec: dict):
-    """The same source reopened from its prepared files (in a worker process)."""
-    from ddpm_jax.datasets.tf import tfds_module
-    builder = tfds_module().builder_from_directory(spec["builder_dir"])
-    return cls(builder, spec["split"], spec["image_key"], spec["image_size"],
-               spec["label_key"])
-
-  def __len__(self):
-    return len(self._ds)
-
-  def example(self, i):
-    ex = self._ds[int(i)]
-    img = images.center_crop_resize(np.asarray(ex[self._key]), self._size)
-    return img, (int(ex[self._label_key]) if self._label_key else None)
-
-  def __getitem__(self, i):
-    return self.example(i)[0]
-
-
-class ArraySource:
-  """A split held in memory as uint8 (N, H, W, C), with optional int labels (N,)."""
-
-  def __init__(self, images: np.ndarray, labels: np.ndarray | None = None,
-               class_names: tuple = ()):
-    self.images, self.labels, self.class_names = images, labels, class_names
-
-  def __len__(self):
-    return len(self.images)
-
-  def example(self, i):
-    return self.images[int(i)], (int(self.labels[int(i)]) if self.labels is not None else None)
-
-  def __getitem__(self, i):
-    return self.images[int(i)]
-
-
-def class_names_of(builder, label_key: str) -> tuple:
-  """The class names of a dataset's ClassLabel feature ``label_key`` (() if it has none)."""
-  features = builder.info.features
-  feature = features[label_key] if label_key and label_key in features else None
-  return tuple(getattr(feature, "names", None) or ())
-
-
-def get_source(config, split: str, with_labels: bool = False) -> Source:
-  """The data source for ``config.data`` and ``split`` ("train"/"test" or a TFDS split).
-
-  ``with_labels``: also read ``data.label_key`` (raises if the dataset has no labels).
-  """
-  from ddpm_jax import datasets as ds_lib
-  data = config.data
-  builder = ds_lib.get_builder(config)
-  label_key = data.get("label_key", "label") if with_labels else None
-  names = class_names_of(builder, label_key) if with_labels else ()
-  if with_labels and not names:
-    raise ds_lib.DatasetError(
-        f"dataset {data.dataset!r} has no class labels (feature {label_key!r}); for an image "
-        f"folder put each class in its own sub-folder, or set --config.model.num_classes=0")
-  fmt = builder.info.file_format
-  if getattr(fmt, "value", fmt) == "array_record":
-    return TfdsArraySource(builder, split, data.image_key, data.image_size, label_key, names)
-  imgs, labels = ds_lib.load_split_in_memory(builder, split, data.image_key, data.image_size,
-                                             label_key)
-  return ArraySource(imgs, labels, names)
 
 
 class TrainBatches:

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import (
   config_lib,
+  datasets,
   diffusion,
   fs,
   generate,
@@ -214,7 +215,7 @@ def interpolate_and_save(config, workdir: str, num_pairs: int = 4, num_points: i
   b = sampler.noise(seed, np.arange(num_pairs, 2 * num_pairs))
   x_T, w = _slerp_path(a, b, num_points)
   labels, _ = _labels(config, model, workdir, num_pairs)
-  x = sampler.from_noise(params, x_T, labels=None if labels is None else
+  x = sampler.run(params, x_T, labels=None if labels is None else
                          np.repeat(labels, num_points))
   if parallel.is_main():
     _save_strips(out_dir, images.to_uint8(x), num_pairs, num_points,
@@ -233,11 +234,11 @@ def reconstruct_and_save(config, workdir: str) -> str:
   """
   config = mode_config(config, "reconstruct", eta=0.0, sampler="ddim")
   params, model, schedule, out_dir, step = _setup(config, workdir, "reconstruct", "reconstruct")
-  source = input_pipeline.get_source(config, config.data.eval_split)
+  source = datasets.get_source(config, config.data.eval_split)
   x0 = np.concatenate(list(input_pipeline.eval_batches(source, 64, config.sampling.num_samples)))
   sampler = Sampler(config, model, schedule)
   x_T = sampler.invert(params, x0)
-  rec = sampler.from_noise(params, x_T)
+  rec = sampler.run(params, x_T)
   orig_u8, rec_u8 = images.to_uint8(x0), images.to_uint8(rec)
   mse = float(np.mean((orig_u8.astype(np.float64) - rec_u8) ** 2))
   report = {"num_steps": config.sampling.num_steps, "num_images": len(x0),
@@ -353,7 +354,8 @@ def inpaint_and_save(config, workdir: str) -> str:
   orig = load_inputs(files, config.data.image_size)
   mask = np.broadcast_to(load_masks(config, files), orig.shape[:3] + (1,)).astype(np.float32)
   labels, names = _labels(config, model, workdir, len(orig))
-  sampler = Sampler(config, model, schedule, inpaint=True)
+  sampler = Sampler(config, model, schedule,
+                    resample_steps=int(config_lib.setting(config, "sampling.resample_steps")))
   x_T = np.asarray(sampler.noise(s.seed, np.arange(len(orig))))
   known = images.to_float(orig)
   mask_c = np.broadcast_to(mask, orig.shape)
@@ -442,7 +444,7 @@ def interpolate_images_and_save(config, workdir: str, num_points: int = 9) -> st
   sampler = Sampler(config, model, schedule)
   x_T = sampler.invert(params, images.to_float(orig), labels)
   path, w = _slerp_path(x_T[0::2], x_T[1::2], num_points)
-  x = sampler.from_noise(params, path, labels=None if labels is None else
+  x = sampler.run(params, path, labels=None if labels is None else
                          np.repeat(labels[0::2], num_points))
   if parallel.is_main():
     _save_strips(out_dir, images.to_uint8(x), len(files) // 2, num_points,

@@ -20,6 +20,7 @@ from absl import logging
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import (
   config_lib,
+  datasets,
   diffusion,
   fs,
   generate,
@@ -224,7 +225,7 @@ def _train(config, workdir, mngr, lock, stop, is_main):
   step = int(state.step)
   logging.info("model: %s parameters", f"{models.count_params(state.params):,}")
 
-  source = input_pipeline.get_source(config, config.data.train_split,
+  source = datasets.get_source(config, config.data.train_split,
                                      with_labels=model.num_classes > 0)
   if model.num_classes:
     _check_classes(source.class_names, model.num_classes, workdir, is_main)
@@ -275,7 +276,7 @@ class _SideWork:
     if t.get("eval_every_steps", 0):
       self.val_loss = validation.ValidationLoss(
           config, model, schedule,
-          input_pipeline.get_source(config, config.data.eval_split,
+          datasets.get_source(config, config.data.eval_split,
                                     with_labels=model.num_classes > 0),
           config.eval.num_examples, config.eval.batch_size)
 

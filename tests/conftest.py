@@ -6,6 +6,9 @@ import sys
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# gs:// through gcsfs, as main.py sets it (run_utils.set_process_defaults): etils.epath picks
+# its backend once, so a test that touches gs:// in this process must not find TF's.
+os.environ.setdefault("EPATH_USE_TF", "false")
 # One persistent compilation cache for the session, shared with the CLI subprocesses:
 # the tiny configs compile the same programs in many tests.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -12,7 +12,7 @@ from tests.conftest import SHARED_FACES, tiny_config
 
 @pytest.fixture(scope="module")
 def source(data_dir):
-  return input_pipeline.get_source(tiny_config(**{"data.data_dir": data_dir}), "train")
+  return datasets.get_source(tiny_config(**{"data.data_dir": data_dir}), "train")
 
 
 def test_built_in_dataset_batches(source):
@@ -110,8 +110,8 @@ def test_messy_image_folder_skips_and_counts_bad_files(tmp_path, caplog):
   config = tiny_config(**{"data.dataset": "image_folder", "data.folder": str(folder),
                           "data.data_dir": str(tmp_path / "tfds")})
   with caplog.at_level("WARNING"):
-    train = input_pipeline.get_source(config, "train")
-    test = input_pipeline.get_source(config, "test")
+    train = datasets.get_source(config, "train")
+    test = datasets.get_source(config, "test")
   assert len(train) + len(test) == good and len(test) >= 1
   # 4 of the image files are unreadable, a large share: said at error level.
   assert any(f"could not be read (4 of {good + 4}," in r.getMessage() and r.levelname == "ERROR"
@@ -134,8 +134,8 @@ def test_image_folder_sub_folders_are_classes(tmp_path, caplog):
   config = tiny_config(**{"data.dataset": "image_folder", "data.folder": str(folder),
                           "data.data_dir": str(tmp_path / "tfds"), "model.num_classes": 2})
   with caplog.at_level("WARNING"):
-    train = input_pipeline.get_source(config, "train", with_labels=True)
-    test = input_pipeline.get_source(config, "test", with_labels=True)
+    train = datasets.get_source(config, "train", with_labels=True)
+    test = datasets.get_source(config, "test", with_labels=True)
   assert train.class_names == ("cat", "dog") and len(train) + len(test) == 12
   assert any("outside the class sub-folders" in r.getMessage() for r in caplog.records)
   for src in (train, test):
@@ -145,10 +145,10 @@ def test_image_folder_sub_folders_are_classes(tmp_path, caplog):
   # Without labels the same folder is a plain image set (all 13 images).
   plain = tiny_config(**{"data.dataset": "image_folder", "data.folder": str(folder),
                          "data.data_dir": str(tmp_path / "tfds")})
-  assert len(input_pipeline.get_source(plain, "train")) + len(
-      input_pipeline.get_source(plain, "test")) == 13
+  assert len(datasets.get_source(plain, "train")) + len(
+      datasets.get_source(plain, "test")) == 13
   with pytest.raises(datasets.DatasetError, match="has no class labels"):
-    input_pipeline.get_source(tiny_config(**{"data.data_dir": str(tmp_path / "tfds")}),
+    datasets.get_source(tiny_config(**{"data.data_dir": str(tmp_path / "tfds")}),
                               "train", with_labels=True)
   from ddpm_jax import train as train_lib
   from ddpm_jax.errors import ConfigError
@@ -166,7 +166,7 @@ def test_unusable_folders_are_clear_errors(tmp_path, make):
   if make != "unset":
     overrides["data.folder"] = str(folder)
   with pytest.raises(datasets.DatasetError) as e:
-    input_pipeline.get_source(tiny_config(**overrides), "train")
+    datasets.get_source(tiny_config(**overrides), "train")
   msg = str(e.value)
   assert {"empty": "no image files", "missing": "does not exist",
           "unset": "needs --config.data.folder"}[make] in msg
@@ -176,7 +176,7 @@ def test_anime_faces_without_download_explains_where_to_get_it(tmp_path):
   config = tiny_config(**{"data.dataset": "anime_faces", "data.data_dir": str(tmp_path),
                           "data.manual_dir": str(tmp_path / "nowhere")})
   with pytest.raises(datasets.DatasetError, match="kaggle.com/datasets"):
-    input_pipeline.get_source(config, "train")
+    datasets.get_source(config, "train")
 
 
 def test_unknown_and_unprepared_catalog_datasets_are_clear_errors(tmp_path):
@@ -196,8 +196,8 @@ def test_real_anime_faces_laid_out_like_the_kaggle_download(tmp_path):
     os.symlink(os.path.join(SHARED_FACES, f), manual / f)
   config = tiny_config(**{"data.dataset": "anime_faces", "data.data_dir": str(tmp_path / "tfds"),
                           "data.manual_dir": str(tmp_path / "manual"), "data.image_size": 16})
-  train = input_pipeline.get_source(config, "train")
-  test = input_pipeline.get_source(config, "test")
+  train = datasets.get_source(config, "train")
+  test = datasets.get_source(config, "test")
   assert len(train) + len(test) == 64
   img = train[0]
   assert img.shape == (16, 16, 3) and img.std() > 10  # a real picture, not a blank

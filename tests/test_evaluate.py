@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion, evaluate, features, inception, metrics
+from ddpm_jax import datasets, diffusion, evaluate, features, inception, metrics
 
 # ------------------------------------------------------------------ bits/dim estimator
 
@@ -74,9 +74,9 @@ def test_bits_per_dim_falls_as_training_goes_on(config):
   tx = state_lib.make_optimizer(config)
   state = state_lib.create_train_state(config, model, tx, jax.random.key(0))
   step = jax.jit(train.make_train_step(config, model, s, tx, axis_name=None))
-  batches = input_pipeline.TrainBatches(input_pipeline.get_source(config, "train"), 16, seed=0)
+  batches = input_pipeline.TrainBatches(datasets.get_source(config, "train"), 16, seed=0)
   held = jnp.asarray(next(input_pipeline.eval_batches(
-      input_pipeline.get_source(config, "test"), 32, 32)))
+      datasets.get_source(config, "test"), 32, 32)))
   term = evaluate.make_term_fn(s, evaluate.eps_fn_for(config, model, s))
 
   def bpd(params):
@@ -174,9 +174,9 @@ def test_random_conv_extractor_is_fixed_and_tells_data_from_noise(config):
   np.testing.assert_allclose(float(np.abs(p[0]).sum()), 192.10846, rtol=1e-6)  # this stream
   ext = features.random_conv(batch_size=32)
   train = np.concatenate([images.to_uint8(x) for x in input_pipeline.eval_batches(
-      input_pipeline.get_source(config, "train"), 64, 192)])
+      datasets.get_source(config, "train"), 64, 192)])
   test = np.concatenate([images.to_uint8(x) for x in input_pipeline.eval_batches(
-      input_pipeline.get_source(config, "test"), 64, 64)])
+      datasets.get_source(config, "test"), 64, 64)])
   f1, f2 = ext(train), ext(train[:50])
   np.testing.assert_array_equal(f1[:50], f2)  # batch padding does not change features
   noise = np.random.default_rng(0).integers(0, 256, test.shape, dtype=np.uint8)
@@ -383,7 +383,7 @@ def test_a_conditional_model_is_validated_with_its_labels_and_unconditionally_be
   import jax
   import jax.numpy as jnp
 
-  from ddpm_jax import diffusion, input_pipeline, models, validation
+  from ddpm_jax import datasets, diffusion, models, validation
   from ddpm_jax import evaluate as ev
   from tests.conftest import tiny_config
   config = tiny_config(**{"model.num_classes": 3, "eval.timesteps_per_image": 2})
@@ -395,7 +395,7 @@ def test_a_conditional_model_is_validated_with_its_labels_and_unconditionally_be
   params = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(jax.random.key(i), x.shape)
                                      for i, x in enumerate(leaves)])
   rng = np.random.default_rng(0)
-  source = input_pipeline.ArraySource(rng.integers(0, 255, (6, 8, 8, 3), np.uint8),
+  source = datasets.ArraySource(rng.integers(0, 255, (6, 8, 8, 3), np.uint8),
                                       np.array([0, 1, 2, 0, 1, 2], np.int32), ("a", "b", "c"))
   schedule = diffusion.make_schedule("linear", config.diffusion.num_timesteps)
   vl = validation.ValidationLoss(config, model, schedule, source, 6, 4)

@@ -370,8 +370,8 @@ def conditional(tmp_path_factory, data_dir):
 def hair_classifier(config):
   """Nearest class mean over the pixels of the labelled training images (98% on held-out
   images at 8x8), as a check of the class a sample shows."""
-  from ddpm_jax import input_pipeline
-  src = input_pipeline.get_source(config, "train", with_labels=True)
+  from ddpm_jax import datasets
+  src = datasets.get_source(config, "train", with_labels=True)
   xs, ys = zip(*(src.example(i) for i in range(len(src))))
   x, y = np.stack(xs).reshape(len(xs), -1).astype(np.float64), np.array(ys)
   means = np.stack([x[y == k].mean(0) for k in range(3)])

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from ddpm_jax import input_pipeline
+from ddpm_jax import datasets
 from tests.conftest import tiny_config
 
 
@@ -19,7 +19,7 @@ def _write_images(folder, start, n, size=12):
 
 
 def _count(config):
-  return sum(len(input_pipeline.get_source(config, split)) for split in ("train", "test"))
+  return sum(len(datasets.get_source(config, split)) for split in ("train", "test"))
 
 
 def test_a_folder_that_changed_is_prepared_again(tmp_path):

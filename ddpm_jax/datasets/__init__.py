@@ -28,12 +28,14 @@ import numpy as np
 from absl import logging
 
 from ddpm_jax import fs, images, parallel
+from ddpm_jax.datasets.sources import ArraySource, Source, TfdsArraySource, class_names_of
 from ddpm_jax.datasets.tf import hide_accelerators_from_tf, tfds_module
 from ddpm_jax.errors import DatasetError
 
 BUILT_IN = ("cartoon_faces", "anime_faces", "image_folder")
 __all__ = ["DatasetError", "get_builder", "data_dir", "load_split_in_memory",
-           "hide_accelerators_from_tf"]
+           "hide_accelerators_from_tf", "get_source", "ArraySource", "TfdsArraySource",
+           "Source", "prepare"]
 
 
 def data_dir(config) -> str:
@@ -187,3 +189,24 @@ def load_split_in_memory(builder, split: str, image_key: str, image_size: int,
     if label_key:
       labels.append(int(ex[label_key]))
   return np.stack(imgs), (np.array(labels, np.int32) if label_key else None)
+
+
+def get_source(config, split: str, with_labels: bool = False) -> Source:
+  """The data source for ``config.data`` and ``split`` ("train"/"test" or a TFDS split).
+
+  ``with_labels``: also read ``data.label_key`` (raises if the dataset has no labels).
+  """
+  data = config.data
+  builder = get_builder(config)
+  label_key = data.get("label_key", "label") if with_labels else None
+  names = class_names_of(builder, label_key) if with_labels else ()
+  if with_labels and not names:
+    raise DatasetError(
+        f"dataset {data.dataset!r} has no class labels (feature {label_key!r}); for an image "
+        f"folder put each class in its own sub-folder, or set --config.model.num_classes=0")
+  fmt = builder.info.file_format
+  if getattr(fmt, "value", fmt) == "array_record":
+    return TfdsArraySource(builder, split, data.image_key, data.image_size, label_key, names)
+  imgs, labels = load_split_in_memory(builder, split, data.image_key, data.image_size,
+                                      label_key)
+  return ArraySource(imgs, labels, names)
