@@ -97,15 +97,18 @@ def test_gs_workdir_on_a_rehearsed_slice_end_to_end(tmp_path, gcs, data_dir):
   url = gcs["STORAGE_EMULATOR_HOST"]
   host1 = dict(gcs, XDG_CACHE_HOME=str(tmp_path / "host1"))
   job = cli.main_py(*args, cwd=tmp_path, extra_env=host1)
+
+  def committed():  # steps whose checkpoint is complete: run/checkpoints/<step>/commit_success
+    return [int(n.split("/")[2]) for n in list_gcs(url, "run/checkpoints/")
+            if n.count("/") == 3 and n.endswith("/commit_success.txt")]
   start = time.time()
-  while not [n for n in list_gcs(url, "run/checkpoints/") if n.endswith("/commit_success.txt")]:
+  while not committed():
     assert job.proc.poll() is None and time.time() - start < 300, job.output[-3000:]
-    time.sleep(0.1)  # until a checkpoint is complete in the bucket
+    time.sleep(0.1)
   job.proc.send_signal(signal.SIGKILL)
   job.finish()
   assert "uploading the prepared records to gs://bkt/tfds" in job.output
-  committed = max(int(n.split("/")[2]) for n in list_gcs(url, "run/checkpoints/")
-                  if n.endswith("/commit_success.txt"))
+  newest = max(committed())
 
   # A new slice (the Spot VM was recreated: no local copy of the records yet); its workers
   # find each other through the metadata server; one of them gets a preemption notice.
@@ -113,7 +116,7 @@ def test_gs_workdir_on_a_rehearsed_slice_end_to_end(tmp_path, gcs, data_dir):
   job = cli.launch(2, 2, *args, cwd=tmp_path, extra_env=host2, cluster="gce-tpu")
   pids = job.pids(2)
   resumed = int(job.wait_for(r"resumed from step (\d+)").group(1))
-  assert committed <= resumed <= 4, job.output[-3000:]
+  assert newest <= resumed <= 4, job.output[-3000:]
   job.wait_for(rf"train: step {resumed + 1}/")
   os.kill(pids[1], signal.SIGTERM)
   assert job.finish(timeout=300) == 0, job.output[-4000:]
