@@ -20,7 +20,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ddpm_jax import images
+from ddpm_jax import config_lib, images
 from ddpm_jax.datasets.sources import Source, TfdsArraySource
 from ddpm_jax.errors import DatasetError
 
@@ -47,7 +47,6 @@ class TrainBatches:
                random_flip: bool = True, process_index: int = 0, process_count: int = 1,
                local_devices: int = 1, num_workers: int = 8, prefetch: int = 2,
                with_labels: bool = False, num_processes: int = 0):
-    from ddpm_jax import config_lib
     config_lib.check_batch_size(global_batch, process_count * local_devices,
                                 "training.batch_size")
     if len(source) == 0:

@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from ddpm_jax import errors
+from ddpm_jax import config_lib, errors
 
 AXIS = "batch"
 HEARTBEAT_TIMEOUT_S = 60
@@ -42,7 +42,6 @@ def is_main() -> bool:
 
 def check_batch_size(global_batch: int, what: str = "training.batch_size") -> int:
   """Returns the per-device batch, or raises a clear error if it does not divide."""
-  from ddpm_jax import config_lib
   return config_lib.check_batch_size(global_batch, jax.device_count(), what)
 
 
