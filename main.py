@@ -33,6 +33,7 @@ MODES = {
     "interpolate_images": "DDIM-invert pairs of sampling.inputs, slerp, decode",
     "eval": "bits/dim, per-timestep loss, sample metrics (FID given Inception weights)",
     "prepare": "prepare data.dataset's records into data.data_dir (local or gs://) and stop",
+    "distill": "progressive distillation of distill.teacher into <workdir>/steps<N> students",
 }
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.", lock_config=False)
 flags.DEFINE_string("workdir", "runs/", "Run folder (local or gs://): checkpoints, logs, samples.")
@@ -44,7 +45,7 @@ def _config():
   """The --config file, or for non-train modes without --config the workdir's saved config."""
   from ddpm_jax import checkpoint as ckpt_lib
   from ddpm_jax import config_lib
-  if FLAGS.mode in ("train", "prepare") or FLAGS["config"].present:
+  if FLAGS.mode in ("train", "prepare", "distill") or FLAGS["config"].present:
     return FLAGS.config
   mngr = ckpt_lib.make_manager(FLAGS.workdir, read_only=True, async_save=False)
   config, _ = ckpt_lib.newest_config(mngr, FLAGS.workdir)
@@ -67,6 +68,11 @@ def _run(mode: str, config, workdir: str) -> None:
     where = datasets.prepare(config)
     if parallel.is_main():
       print(where)  # the last line: where the records are
+  elif mode == "distill":
+    from ddpm_jax import distill
+    out = distill.distill(config, workdir, config_flags.get_override_values(FLAGS["config"]))
+    if out is not None and parallel.is_main():
+      print(out)  # the last line: the last student's workdir
   elif mode == "eval":
     evaluate.evaluate(config, workdir)
   else:

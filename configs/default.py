@@ -126,6 +126,21 @@ def get_config():
   sampling.inputs = config_dict.placeholder(str)
   sampling.strength = 0.5
 
+  # --mode=distill: progressive distillation (Salimans & Ho 2022) of a trained workdir into
+  # students that sample in half the steps, round after round (ddpm_jax/distill.py). Each
+  # round trains training.num_train_steps steps with this config's training/optim/eval; the
+  # model, data and schedule are the teacher's.
+  config.distill = dist = ml_collections.ConfigDict()
+  dist.teacher = config_dict.placeholder(str)  # the workdir to distill (local or gs://)
+  dist.start_steps = 64  # the teacher's DDIM steps in round 1
+  dist.end_steps = 4  # the last student's steps (start_steps / a power of two; 1 works)
+  dist.prediction_type = "v"  # the students' output (the paper's choice; eps fails at few steps)
+  dist.weighting = "truncated_snr"  # x-space loss weight: max(SNR, 1), or "snr_plus_one"
+  # Set by --mode=distill in each round's saved config (0 = not a student):
+  dist.round = 0
+  dist.teacher_steps = 0  # the round's teacher steps; the student takes half
+  dist.round_teacher = ""  # the workdir of the round's teacher
+
   config.eval = ev = ml_collections.ConfigDict()
   ev.checkpoints = "latest"  # which checkpoints --mode=eval reads: latest, all, or "1000,2000"
   ev.name = ""  # reports go to eval/<step>_<name>.json when set (e.g. "exact")

@@ -168,6 +168,22 @@ def prediction_to_eps(schedule, x_t, t, pred, prediction_type: str):
   raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
 
 
+def prediction_to_x0(schedule, x_t, t, pred, prediction_type: str):
+  """Converts a network output of ``prediction_type`` to an x0 prediction."""
+  if prediction_type == "epsilon":
+    return eps_to_x0(schedule, x_t, t, pred)
+  if prediction_type == "x0":
+    return pred
+  if prediction_type == "v":
+    return v_to_x0(schedule, x_t, t, pred)
+  raise ValueError(f"unknown prediction type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
+
+
+def alpha_bar_at(schedule: Schedule, t: jax.Array) -> jax.Array:
+  """alpha_bar_t for integer t (any shape), with t = -1 meaning the clean data (alpha_bar = 1)."""
+  return jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
+
+
 def training_target(schedule, x0, t, noise, prediction_type: str):
   """What a network of ``prediction_type`` should output for (x0, t, noise)."""
   if prediction_type == "epsilon":

@@ -49,6 +49,34 @@ def steps_from(num_steps: int, t_start: int, num_timesteps: int) -> int:
   return max(1, min(t_start + 1, round(num_steps * (t_start + 1) / num_timesteps)))
 
 
+def student_timesteps(config, num_timesteps: int, t_start: int | None = None):
+  """A distilled student's own DDIM grid (a tuple), from ``t_start`` when given (which must
+  be on it: see ``snap_to_grid``); None for other models, or where the config asks for
+  another sampler, step count or spacing than the student was trained for."""
+  if not config_lib.setting(config, "distill.round"):
+    return None
+  s, n = config.sampling, int(config_lib.setting(config, "distill.teacher_steps")) // 2
+  if sampling.canonical_sampler(s.sampler) != "ddim" or s.num_steps != n or \
+      s.spacing != "trailing":
+    return None
+  grid = sampling.distilled_grid(num_timesteps, n)[:-1]
+  if t_start is None:
+    return tuple(int(t) for t in grid)
+  if t_start not in grid:
+    raise ValueError(f"t_start={t_start} is not on the student's grid {list(grid)}")
+  return tuple(int(t) for t in grid[grid <= t_start])
+
+
+def snap_to_grid(config, num_timesteps: int, t: int) -> int:
+  """For a distilled student (``student_timesteps``): the level of its grid image-to-image
+  starts from, the highest at or below ``t`` (the lowest if all are above); ``t`` otherwise."""
+  grid = student_timesteps(config, num_timesteps)
+  if grid is None:
+    return t
+  below = [g for g in grid if g <= t]
+  return below[0] if below else grid[-1]
+
+
 class Sampler:
   """A compiled, pmapped sampler for one config; reused across batches and parameters.
 
@@ -69,9 +97,12 @@ class Sampler:
     self.model, self.t_start = model, t_start
     self.shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
     num_steps = s.num_steps
-    if t_start is not None:
+    timesteps = student_timesteps(config, schedule.num_timesteps, t_start)
+    if timesteps is not None:
+      num_steps = len(timesteps)
+    elif t_start is not None:
       num_steps = steps_from(s.num_steps, t_start, schedule.num_timesteps)
-    self.num_steps = num_steps
+    self.num_steps, self.explicit_timesteps = num_steps, timesteps
     resample = int(resample_steps)
     if resample > 1:
       sampling.check_resampling(s.sampler, resample)
@@ -83,7 +114,8 @@ class Sampler:
       return sampling.sample(s.sampler, eps_fn, schedule, x_T, key, num_steps=num_steps,
                              eta=s.eta, spacing=s.spacing, variance=s.ddpm_variance,
                              clip_x0=s.clip_x0, num_frames=num_frames, t_start=t_start,
-                             known=known, mask=mask, resample_steps=resample)
+                             known=known, mask=mask, resample_steps=resample,
+                             timesteps=timesteps)
 
     def invert_fn(params, x0, labels):
       eps_fn = make_eps_fn(config, model, schedule, params, labels, 1.0)
@@ -97,7 +129,7 @@ class Sampler:
   def timesteps(self) -> np.ndarray:
     s = self.config.sampling
     return sampling.timesteps_used(s.sampler, self.schedule, self.num_steps, s.spacing,
-                                   self.t_start)
+                                   self.t_start, self.explicit_timesteps)
 
   def noise(self, seed: int, indices: np.ndarray) -> jax.Array:
     key = jax.random.key(seed)

@@ -94,8 +94,11 @@ def unclaimed(candidate, record_of, settings: dict) -> str:
 def all_settings(config, step: int, mode: str, **extra) -> dict:
   """Every setting a mode's output depends on: the checkpoint step, the mode, the whole
   ``sampling`` section and the diffusion schedule (plus ``extra``)."""
-  return {"mode": mode, "checkpoint_step": int(step), "sampling": config.sampling.to_dict(),
-          "diffusion": config.diffusion.to_dict(), **extra}
+  out = {"mode": mode, "checkpoint_step": int(step), "sampling": config.sampling.to_dict(),
+         "diffusion": config.diffusion.to_dict()}
+  if config_lib.setting(config, "distill.round"):  # a distilled student
+    out["distill"] = config.distill.to_dict()
+  return {**out, **extra}
 
 
 def _setup(config, workdir, what, mode, **extra):
@@ -127,6 +130,13 @@ def settings_report(config, sampler: Sampler | None, step: int, mode: str, label
   if sampler is not None:
     timesteps = sampler.timesteps().tolist()
     report.update(num_steps=len(timesteps), timesteps=timesteps)
+  if config_lib.setting(config, "distill.round"):
+    d = config.distill
+    report["distilled"] = {"round": int(d.round), "teacher_steps": int(d.teacher_steps),
+                           "student_steps": int(d.teacher_steps) // 2,
+                           "teacher": d.round_teacher, "first_teacher": d.teacher,
+                           "on_its_grid": sampler is not None and
+                           sampler.explicit_timesteps is not None}
   if labels is not None:
     report.update(guidance_scale=float(s.guidance_scale), classes=list(names),
                   labels=[names[i] for i in labels])
@@ -401,7 +411,8 @@ def img2img_and_save(config, workdir: str) -> str:
                                                   "img2img")
   orig = load_inputs(files, config.data.image_size)
   labels, names = _labels(config, model, workdir, len(orig))
-  t = t_start_of(s.strength, schedule.num_timesteps)
+  t = generate.snap_to_grid(config, schedule.num_timesteps,
+                            t_start_of(s.strength, schedule.num_timesteps))
   sampler = Sampler(config, model, schedule, t_start=t)
   noise = np.asarray(sampler.noise(s.seed, np.arange(len(orig))))
   x_t = np.asarray(diffusion.q_sample(schedule, images.to_float(orig),

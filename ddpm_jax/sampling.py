@@ -88,6 +88,14 @@ def timestep_sequence(num_timesteps: int, num_steps: int, spacing: str = "unifor
   return ts[::-1].astype(np.int32)
 
 
+def distilled_grid(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """The ``num_steps`` + 1 levels of a distilled sampler (progressive distillation,
+  Salimans & Ho 2022): the trailing timesteps from T-1 down, then -1 (the data). Evenly
+  spaced in t with both ends kept, so the grid of N/2 steps is every other level of N's:
+  a student's step is two of its teacher's."""
+  return np.append(timestep_sequence(num_timesteps, num_steps, "trailing"), -1).astype(np.int32)
+
+
 def _tvec(x, t):
   return jnp.full((x.shape[0],), t, jnp.int32)
 
@@ -122,8 +130,9 @@ def _scan_with_frames(step_fn, carry, xs, x_T, num_steps, num_frames):
   return carry, (frames[:num_frames] if num_frames else None)
 
 
-def _pred_x0_eps(eps_fn, schedule, x, t, clip_x0):
-  """Model's x0 and eps at (x, t); with clipping, eps is made consistent with the clipped x0."""
+def pred_x0_eps(eps_fn, schedule, x, t, clip_x0):
+  """Model's x0 and eps at (x, t) (t a scalar or one per example); with clipping, eps is made
+  consistent with the clipped x0."""
   tv = _tvec(x, t)
   eps = eps_fn(x, tv).astype(x.dtype)
   x0 = diffusion.eps_to_x0(schedule, x, tv, eps)
@@ -144,15 +153,10 @@ def ddpm_log_variance(schedule: diffusion.Schedule, variance: str) -> jax.Array:
   raise ConfigError(f"variance must be 'small' or 'large', got {variance!r}")
 
 
-def _alpha_bar_at(schedule, t):
-  """alpha_bar_t, with t = -1 meaning the clean data (alpha_bar = 1)."""
-  return jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
-
-
 def _keep_known(schedule, x_prev, t_prev, known, mask, key):
   """Inpainting: the known pixels (mask 1) replaced by the known image noised to t_prev's
   level, fresh noise each time; at t_prev = -1 they are the known values exactly."""
-  ab = _alpha_bar_at(schedule, t_prev)
+  ab = diffusion.alpha_bar_at(schedule, t_prev)
   z = jax.random.normal(key, x_prev.shape, x_prev.dtype)
   noisy = (jnp.sqrt(ab) * known + jnp.sqrt(1.0 - ab) * z).astype(x_prev.dtype)
   return mask * noisy + (1.0 - mask) * x_prev
@@ -180,7 +184,7 @@ def _run_stateless(step, schedule, ts, ts_prev, x_T, key, known, mask, resample_
     if resample_steps == 1:
       x_prev, x0 = once(x, t, t_prev, k)
       return x_prev, (x_prev, x0)
-    ratio = _alpha_bar_at(schedule, t) / _alpha_bar_at(schedule, t_prev)
+    ratio = diffusion.alpha_bar_at(schedule, t) / diffusion.alpha_bar_at(schedule, t_prev)
 
     def again(u, carry):
       x_t, _, _ = carry
@@ -197,10 +201,16 @@ def _run_stateless(step, schedule, ts, ts_prev, x_T, key, known, mask, resample_
                            num_frames)
 
 
-def _respaced(schedule, num_steps, spacing, t_start):
-  """(ts, ts_prev) of a sampler starting at ``t_start`` (default T-1), ending at -1 (data)."""
-  n = schedule.num_timesteps if t_start is None else t_start + 1
-  ts = timestep_sequence(n, num_steps, spacing, schedule.alphas_cumprod_np()[:n])
+def _respaced(schedule, num_steps, spacing, t_start, timesteps=None):
+  """(ts, ts_prev) of a sampler starting at ``t_start`` (default T-1), ending at -1 (data);
+  ``timesteps`` given (a distilled model's own grid), exactly those."""
+  if timesteps is not None:
+    ts = np.asarray(timesteps, np.int32)
+    if len(ts) < 1 or np.any(np.diff(ts) >= 0) or ts[-1] < 0:
+      raise ConfigError(f"timesteps must be decreasing and >= 0, got {list(ts)}")
+  else:
+    n = schedule.num_timesteps if t_start is None else t_start + 1
+    ts = timestep_sequence(n, num_steps, spacing, schedule.alphas_cumprod_np()[:n])
   return ts, np.append(ts[1:], -1).astype(np.int32)
 
 
@@ -232,7 +242,7 @@ def ddpm_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.Array, key
   log_var_table = ddpm_log_variance(schedule, variance)
 
   def step(x, t, t_prev, k):
-    x0, _ = _pred_x0_eps(eps_fn, schedule, x, t, clip_x0)
+    x0, _ = pred_x0_eps(eps_fn, schedule, x, t, clip_x0)
     mean, _, _ = diffusion.q_posterior(schedule, x0, x, _tvec(x, t))
     noise = jax.random.normal(k, x.shape, x.dtype)
     std = jnp.where(t > 0, jnp.exp(0.5 * log_var_table[t]), 0.0).astype(x.dtype)
@@ -246,23 +256,27 @@ def ddpm_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.Array, key
 
 
 @functools.partial(jax.jit, static_argnames=("eps_fn", "num_steps", "spacing", "clip_x0",
-                                             "num_frames", "t_start", "resample_steps"))
+                                             "num_frames", "t_start", "resample_steps",
+                                             "timesteps"))
 def ddim_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.Array, key: jax.Array,
                 num_steps: int = 50, eta: float = 0.0, spacing: str = "uniform",
                 clip_x0: bool = False, num_frames: int = 0, t_start: int | None = None,
-                known=None, mask=None, resample_steps: int = 1):
+                known=None, mask=None, resample_steps: int = 1,
+                timesteps: tuple[int, ...] | None = None):
   """DDIM (Song et al. 2021, eq. 12) on a respaced sequence of ``num_steps`` timesteps.
 
   eta=0 is the deterministic sampler; eta=1 with all T steps is DDPM with the
   posterior ("small") variance. The last step goes to alpha_bar = 1 (clean data).
   Other arguments and the return value are as for ``ddpm_sample`` (with ``t_start``
-  the steps are spread over [0, t_start]).
+  the steps are spread over [0, t_start]). ``timesteps`` (a tuple, decreasing) replaces
+  ``num_steps``/``spacing``/``t_start``: the model is called at exactly those (a distilled
+  student's grid; ``x_T`` is x at the first of them).
   """
-  ts, ts_prev = _respaced(schedule, num_steps, spacing, t_start)
+  ts, ts_prev = _respaced(schedule, num_steps, spacing, t_start, timesteps)
 
   def step(x, t, t_prev, k):
-    x0, eps = _pred_x0_eps(eps_fn, schedule, x, t, clip_x0)
-    ab, ab_prev = _alpha_bar_at(schedule, t), _alpha_bar_at(schedule, t_prev)
+    x0, eps = pred_x0_eps(eps_fn, schedule, x, t, clip_x0)
+    ab, ab_prev = diffusion.alpha_bar_at(schedule, t), diffusion.alpha_bar_at(schedule, t_prev)
     sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
     dir_coef = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0))
     noise = jax.random.normal(k, x.shape, x.dtype)
@@ -307,7 +321,7 @@ def dpm_solver_pp_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.A
   def step(carry, inp):
     x, x0_last = carry
     t, t_prev, a_prev, s_ratio, em1, wp = inp
-    x0, _ = _pred_x0_eps(eps_fn, schedule, x, t, clip_x0)
+    x0, _ = pred_x0_eps(eps_fn, schedule, x, t, clip_x0)
     d = (1.0 - wp) * x0 + wp * x0_last
     x_prev = (s_ratio * x - a_prev * em1 * d).astype(x.dtype)
     if known is not None:
@@ -337,7 +351,8 @@ def ddim_invert(eps_fn: EpsFn, schedule: diffusion.Schedule, x0: jax.Array,
   def step(x, inp):
     t_from, t_to = inp
     eps = eps_fn(x, _tvec(x, jnp.maximum(t_from, 0))).astype(x.dtype)
-    ab_from, ab_to = _alpha_bar_at(schedule, t_from), _alpha_bar_at(schedule, t_to)
+    ab_from = diffusion.alpha_bar_at(schedule, t_from)
+    ab_to = diffusion.alpha_bar_at(schedule, t_to)
     x0_pred = (x - jnp.sqrt(1 - ab_from) * eps) / jnp.sqrt(ab_from)
     return (jnp.sqrt(ab_to) * x0_pred + jnp.sqrt(1 - ab_to) * eps).astype(x.dtype), None
 
@@ -385,8 +400,11 @@ def resolve_spacing(sampler: str, spacing: str) -> str:
 
 
 def timesteps_used(sampler: str, schedule: diffusion.Schedule, num_steps: int,
-                   spacing: str = AUTO_SPACING, t_start: int | None = None) -> np.ndarray:
+                   spacing: str = AUTO_SPACING, t_start: int | None = None,
+                   timesteps: tuple[int, ...] | None = None) -> np.ndarray:
   """The timesteps at which ``sample(sampler, ...)`` calls the model, in order."""
+  if timesteps is not None:
+    return np.asarray(timesteps, np.int32)
   if canonical_sampler(sampler) == "ddpm":
     start = schedule.num_timesteps - 1 if t_start is None else t_start
     return np.arange(start, -1, -1, dtype=np.int32)
@@ -396,15 +414,19 @@ def timesteps_used(sampler: str, schedule: diffusion.Schedule, num_steps: int,
 def sample(sampler: str, eps_fn: EpsFn, schedule: diffusion.Schedule, x_T, key, *,
            num_steps: int = 50, eta: float = 0.0, spacing: str = AUTO_SPACING,
            variance: str = "small", clip_x0: bool = False, num_frames: int = 0,
-           t_start: int | None = None, known=None, mask=None, resample_steps: int = 1):
+           t_start: int | None = None, known=None, mask=None, resample_steps: int = 1,
+           timesteps: tuple[int, ...] | None = None):
   """Dispatches to the sampler named ``sampler`` (one of SAMPLERS).
 
   spacing "auto" is "uniform" for DDIM and "logsnr" for DPM-Solver++. ``t_start``
   (image-to-image), ``known``/``mask`` (inpainting) and ``resample_steps`` are as for
-  ``ddpm_sample``; DPM-Solver++ takes no resampling.
+  ``ddpm_sample``; DPM-Solver++ takes no resampling. ``timesteps``: DDIM only, see
+  ``ddim_sample``.
   """
   sampler = canonical_sampler(sampler)
   spacing = resolve_spacing(sampler, spacing)
+  if timesteps is not None and sampler != "ddim":
+    raise ConfigError(f"explicit timesteps are a DDIM grid; sampler {sampler!r} takes none")
   if sampler == "ddpm":
     return ddpm_sample(eps_fn, schedule, x_T, key, variance=variance, clip_x0=clip_x0,
                        num_frames=num_frames, t_start=t_start, known=known, mask=mask,
@@ -412,7 +434,8 @@ def sample(sampler: str, eps_fn: EpsFn, schedule: diffusion.Schedule, x_T, key, 
   if sampler == "ddim":
     return ddim_sample(eps_fn, schedule, x_T, key, num_steps=num_steps, eta=eta,
                        spacing=spacing, clip_x0=clip_x0, num_frames=num_frames,
-                       t_start=t_start, known=known, mask=mask, resample_steps=resample_steps)
+                       t_start=t_start, known=known, mask=mask, resample_steps=resample_steps,
+                       timesteps=timesteps)
   check_resampling(sampler, resample_steps)
   return dpm_solver_pp_sample(eps_fn, schedule, x_T, key, num_steps=num_steps, spacing=spacing,
                               clip_x0=clip_x0, num_frames=num_frames, t_start=t_start,

@@ -9,7 +9,7 @@ resumed run draws what an uninterrupted one would.
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,33 +57,61 @@ def step_keys(key, step, device):
   return example_key, jax.random.fold_in(dropout_key, device)
 
 
-def make_train_step(config, model, schedule: diffusion.Schedule, tx,
-                    axis_name: str | None = parallel.AXIS):
-  """Builds ``train_step(state, batch, key) -> (state, metrics)``.
+class Objective(NamedTuple):
+  """What a train step minimises. ``loss(params, x0, labels, example_keys, dropout_key,
+  extra) -> (losses (B,), t (B,))``: per-example losses and the timestep each was drawn
+  at (for the per-timestep loss buckets); example ``i`` draws its randomness from
+  ``example_keys[i]`` only. ``extra``: arrays the loss reads besides the parameters (a
+  distillation teacher's), put on every device once. ``init_params``: parameters to
+  start from instead of fresh ones (a student starts as its teacher)."""
+  loss: Callable
+  extra: Any = None
+  init_params: Any = None
 
-  ``batch`` is (B, H, W, C) in [-1, 1], or {"image": ..., "label": (B,)} for a
-  class-conditional model. Under ``pmap`` with ``axis_name``, gradients and metrics are
-  averaged over all devices; with ``axis_name=None`` the step runs on one device.
-  Non-finite loss or gradients skip the update (params, EMA and optimizer state are
-  kept, so the optimizer's update count, the learning rate and the EMA warm-up stand
-  still) and count in ``metrics['skipped']``; ``state.step`` counts every step.
-  """
+
+def denoising_objective(config, model, schedule: diffusion.Schedule) -> Objective:
+  """L_simple: t uniform in [0, T), the network's prediction against its target."""
   T = schedule.num_timesteps
   prediction_type = config.model.prediction_type
+
+  def loss(params, x0, labels, example_keys, dropout_key, extra):
+    del extra
+    t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, T,
+                                              dtype=jnp.int32))(example_keys)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:]))(
+        example_keys)
+    model_fn = lambda x, tt: models.apply(model, params, x, tt, labels,  # noqa: E731
+                                          train=True, dropout_key=dropout_key)
+    return diffusion.per_example_loss(schedule, model_fn, x0, t, noise, prediction_type), t
+
+  return Objective(loss)
+
+
+def make_train_step(config, model, schedule: diffusion.Schedule, tx,
+                    axis_name: str | None = parallel.AXIS, objective: Objective | None = None):
+  """Builds ``train_step(state, batch, key, extra=None) -> (state, metrics)``.
+
+  ``batch`` is (B, H, W, C) in [-1, 1], or {"image": ..., "label": (B,)} for a
+  class-conditional model. ``objective`` is L_simple unless given (distillation passes
+  its own; ``extra`` is its ``Objective.extra``). Under ``pmap`` with ``axis_name``,
+  gradients and metrics are averaged over all devices; with ``axis_name=None`` the step
+  runs on one device. Non-finite loss or gradients skip the update (params, EMA and
+  optimizer state are kept, so the optimizer's update count, the learning rate and the
+  EMA warm-up stand still) and count in ``metrics['skipped']``; ``state.step`` counts
+  every step.
+  """
+  T = schedule.num_timesteps
+  objective = objective or denoising_objective(config, model, schedule)
   lr_fn = state_lib.make_lr_schedule(config)
   label_dropout = float(config_lib.setting(config, "training.label_dropout"))
 
-  def train_step(state: TrainState, batch, key):
+  def train_step(state: TrainState, batch, key, extra=None):
     x0, labels = ((batch["image"], batch.get("label")) if isinstance(batch, dict)
                   else (batch, None))
     B = x0.shape[0]
     device = jax.lax.axis_index(axis_name) if axis_name is not None else 0
     key, dropout_key = step_keys(key, state.step, device)
     example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(device * B + jnp.arange(B))
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, T, dtype=jnp.int32))(
-        jax.vmap(lambda k: jax.random.fold_in(k, 0))(example_keys))
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:]))(
-        example_keys)
     if model.num_classes:  # classifier-free guidance: some labels become the null label
       labels = jnp.full((B,), model.num_classes, jnp.int32) if labels is None else labels
       drop = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 2)) < label_dropout)(
@@ -93,12 +121,10 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
       labels = None
 
     def loss_fn(params):
-      model_fn = lambda x, tt: models.apply(model, params, x, tt, labels,  # noqa: E731
-                                            train=True, dropout_key=dropout_key)
-      losses = diffusion.per_example_loss(schedule, model_fn, x0, t, noise, prediction_type)
-      return losses.mean(), losses
+      losses, t = objective.loss(params, x0, labels, example_keys, dropout_key, extra)
+      return losses.mean(), (losses, t)
 
-    (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (losses, t)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     bucket_sum, bucket_count = validation.bucket_sums(losses, t, T)
     if axis_name is not None:
       grads, loss = jax.lax.pmean((grads, loss), axis_name)
@@ -135,26 +161,30 @@ def make_multi_step(train_step, k: int):
   backward pass sat inside a scan under pmap, so the direct call is the default.
   """
   if k == 1:
-    def one_step(state, batches, key):
-      state, metrics = train_step(state, jax.tree.map(lambda b: b[0], batches), key)
+    def one_step(state, batches, key, extra=None):
+      state, metrics = train_step(state, jax.tree.map(lambda b: b[0], batches), key, extra)
       return state, jax.tree.map(lambda m: m[None], metrics)
     return one_step
 
-  def multi_step(state, batches, key):
-    return jax.lax.scan(lambda s, b: train_step(s, b, key), state, batches, unroll=True)
+  def multi_step(state, batches, key, extra=None):
+    return jax.lax.scan(lambda s, b: train_step(s, b, key, extra), state, batches, unroll=True)
   return multi_step
 
 
-def make_p_train_step(config, model, schedule, tx):
+def make_p_train_step(config, model, schedule, tx, objective: Objective | None = None):
   """The pmapped k-step function: (replicated state, [devices, k, B, ...] batches, key,
-  [devices, len(parallel.REQUESTS)] requests) -> (state, metrics, agreed requests)."""
-  multi = make_multi_step(make_train_step(config, model, schedule, tx),
+  [devices, len(parallel.REQUESTS)] requests) -> (state, metrics, agreed requests).
+  The objective's ``extra`` arrays are put on the devices once, here."""
+  multi = make_multi_step(make_train_step(config, model, schedule, tx, objective=objective),
                           config.training.steps_per_dispatch)
 
-  def step_and_agree(state, batches, key, requests):
-    state, metrics = multi(state, batches, key)
+  def step_and_agree(state, batches, key, requests, extra):
+    state, metrics = multi(state, batches, key, extra)
     return state, metrics, parallel.agree(requests)
-  return parallel.pmap(step_and_agree, in_axes=(0, 0, None, 0), donate_argnums=(0,))
+  p_step = parallel.pmap(step_and_agree, in_axes=(0, 0, None, 0, 0), donate_argnums=(0,))
+  extra = objective.extra if objective is not None else None
+  extra_r = parallel.replicate(extra) if extra is not None else None
+  return lambda state, batches, key, requests: p_step(state, batches, key, requests, extra_r)
 
 
 def summarize_metrics(metrics, num_timesteps: int) -> dict:
@@ -180,8 +210,10 @@ def _check_classes(names, num_classes: int, workdir: str, is_main: bool) -> None
     ckpt_lib.save_class_names(workdir, names)
 
 
-def train_and_evaluate(config, workdir: str) -> TrainState:
+def train_and_evaluate(config, workdir: str, objective: Objective | None = None) -> TrainState:
   """Trains ``config`` in ``workdir``, resuming from its newest readable checkpoint.
+
+  ``objective``: what to minimise, L_simple unless given (``distill.objective``).
 
   Every process of a multi-host job runs this. Stops cleanly (checkpoint saved, on
   every process at the same step) at the end, on SIGTERM/SIGINT to any process, or
@@ -204,12 +236,12 @@ def train_and_evaluate(config, workdir: str) -> TrainState:
     stop.watch_native_calls()
     parallel.process_0_then_all("workdir lock", lock.acquire)
     try:
-      return _train(config, workdir, mngr, lock, stop, is_main)
+      return _train(config, workdir, mngr, lock, stop, is_main, objective)
     finally:
       lock.release()
 
 
-def _train(config, workdir, mngr, lock, stop, is_main):
+def _train(config, workdir, mngr, lock, stop, is_main, objective):
   t = config.training
   if is_main:
     ckpt_lib.write_config_json(workdir, config)
@@ -218,6 +250,9 @@ def _train(config, workdir, mngr, lock, stop, is_main):
   tx = state_lib.make_optimizer(config)
   init_key, train_key = jax.random.split(jax.random.key(t.seed))
   state = state_lib.create_train_state(config, model, tx, init_key)
+  if objective is not None and objective.init_params is not None:  # a student: its teacher
+    init = jax.device_get(objective.init_params)
+    state = state.replace(params=init, ema_params=init, opt_state=jax.device_get(tx.init(init)))
   restored, latest = ckpt_lib.restore_newest(mngr, workdir, state)
   if restored is not None:
     state = restored
@@ -238,7 +273,7 @@ def _train(config, workdir, mngr, lock, stop, is_main):
   writer.before_write = lock.check
   writer.drop_after(step)  # lines a killed run logged past its last checkpoint come again
   run = _Run(config, workdir, mngr, lock, stop, writer, step, parallel.replicate(state),
-             make_p_train_step(config, model, schedule, tx), train_key, batches,
+             make_p_train_step(config, model, schedule, tx, objective), train_key, batches,
              _SideWork(config, model, schedule, source))
   try:
     agreed = run.loop()

@@ -168,3 +168,33 @@ def test_decoder_term_matches_the_closed_form_for_a_perfect_denoiser():
   np.testing.assert_allclose(nll, want, rtol=2e-3)
   bits_per_dim = float(nll.mean()) / (48 * math.log(2))
   assert 1.0 < bits_per_dim < 1.5  # DDPM's decoder: sigma ~ 0.0074 vs a half-bin of 0.0039
+
+
+@pytest.mark.parametrize("prediction_type", diffusion.PREDICTION_TYPES)
+def test_what_a_wrong_image_colour_costs_at_high_noise(prediction_type):
+  """A prediction that is exact but for a constant colour offset delta of x0, at t = T-1 of
+  the linear schedule, costs (alpha/sigma)^2 delta^2 (~4e-5 delta^2) in epsilon units,
+  delta^2 / sigma^2 (~delta^2) in v units and delta^2 in x0 units. So L_simple with epsilon
+  prediction all but ignores the colour of the image where a sampler decides it (the
+  quickstart's grey-pulled, colour-cast grids of issue #19); configs/quickstart.py
+  predicts v."""
+  schedule = diffusion.make_schedule("linear", 1000)
+  x0 = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3), minval=-1.0, maxval=1.0)
+  noise = jax.random.normal(jax.random.key(1), x0.shape)
+  t = jnp.full((4,), 999)
+  delta = 0.3
+  a = float(schedule.sqrt_alphas_cumprod[999])
+  s = float(schedule.sqrt_one_minus_alphas_cumprod[999])
+
+  def off_colour(x_t, tt):  # exact for the image x0 + delta seen through the same x_t
+    shifted = x0 + delta
+    eps = (x_t - a * shifted) / s
+    return diffusion.training_target(schedule, shifted, tt, eps, prediction_type)
+
+  loss = diffusion.per_example_loss(schedule, off_colour, x0, t, noise, prediction_type)
+  want = {"epsilon": (a / s) ** 2, "v": 1 / s**2, "x0": 1.0}[prediction_type] * delta**2
+  np.testing.assert_allclose(loss, want, rtol=1e-3)
+  if prediction_type == "epsilon":
+    assert float(loss.max()) < 1e-3 * delta**2
+  from configs import quickstart
+  assert quickstart.get_config().model.prediction_type == "v"

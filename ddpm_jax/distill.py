@@ -1,0 +1,215 @@
+"""Progressive distillation (Salimans & Ho 2022): rounds that halve the sampling steps.
+
+Round r trains a student to take in one DDIM step what its teacher takes in two: the
+teacher is the previous round's EMA parameters (round 1: any workdir this project trained,
+any parameterisation, with or without classes), frozen; the student starts as a copy. A
+round is an ordinary training run of ``train.train_and_evaluate`` in its own workdir,
+``<workdir>/steps<N>`` (N the student's step count), so it has every guarantee of the
+trainer: exact resume after a kill, agreed stops on several processes, ``gs://``,
+progress and TensorBoard. The rounds run in order; a finished round is skipped, an
+interrupted one resumes.
+
+Time grid: N + 1 levels ``sampling.distilled_grid(T, N)``, the trailing timesteps from T-1
+and then the data (-1): evenly spaced, both ends kept, so the student's grid (N/2 steps)
+is every other level of the teacher's. A student's workdir samples with DDIM (eta 0) on
+exactly its grid without extra flags (its saved config says so).
+
+Target (Salimans & Ho, Algorithm 2). For z_t = alpha_t x + sigma_t eps at a student level
+t, the teacher's two deterministic DDIM steps t -> t' -> t'' give z_t''; the x0 that one
+DDIM step from t takes to exactly z_t'' is
+
+    x~ = (z_t'' - (sigma_t''/sigma_t) z_t) / (alpha_t'' - (sigma_t''/sigma_t) alpha_t),
+
+and the student minimises w_t ||x~ - x^_student(z_t)||^2.
+
+Parameterisation and weighting (the paper's section 4): an epsilon-predicting student
+recovers x^ = (z - sigma eps^)/alpha, which amplifies its errors by 1/alpha (about 160 at
+t = T-1 of the linear schedule): at 4 steps its first step, from pure noise, is mostly that
+error. So the student predicts v (x^ = alpha z - sigma v^, errors scaled by sigma <= 1;
+``distill.prediction_type``) and the loss is "truncated SNR" weighted, w_t = max(SNR_t, 1)
+(``distill.weighting``; "snr_plus_one" is ||v~ - v^||^2), which does not vanish at high
+noise where a few-step sampler makes its largest moves. An epsilon teacher's weights
+start the v student: at high noise v ~ eps, so only the low-noise end of the output
+mapping has to be relearned, which the first round does.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from ddpm_jax import checkpoint as ckpt_lib
+from ddpm_jax import config_lib, diffusion, fs, generate, models, parallel, sampling, train
+from ddpm_jax.errors import ConfigError
+
+WEIGHTINGS = ("truncated_snr", "snr_plus_one")
+# Sections a round takes from the distillation config; the rest (model, data, diffusion,
+# sampling) come from the teacher's saved config.
+OWN_SECTIONS = ("training", "optim", "eval", "distill")
+
+
+# ------------------------------------------------------------------ the math (no network)
+
+def _alpha_sigma(schedule, t, shape):
+  """(alpha_t, sigma_t) per example, shaped to broadcast against ``shape``; t = -1: (1, 0)."""
+  ab = diffusion.alpha_bar_at(schedule, t).reshape(t.shape + (1,) * (len(shape) - t.ndim))
+  return jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
+
+
+def ddim_step(schedule: diffusion.Schedule, x0, eps, t_next):
+  """Deterministic DDIM to level ``t_next`` (per example; -1 = the data) from a prediction."""
+  a, s = _alpha_sigma(schedule, t_next, x0.shape)
+  return a * x0 + s * eps
+
+
+def two_step_target(schedule: diffusion.Schedule, z_t, t, t_end, z_end):
+  """x~: the x0 with which one deterministic DDIM step from (z_t, t) lands exactly on z_end
+  at ``t_end`` < t (per example). At t_end = -1 it is z_end itself."""
+  (a, s), (a2, s2) = _alpha_sigma(schedule, t, z_t.shape), _alpha_sigma(schedule, t_end, z_t.shape)
+  ratio = s2 / s
+  return (z_end - ratio * z_t) / (a2 - ratio * a)
+
+
+def loss_weight(schedule: diffusion.Schedule, t, weighting: str):
+  """w_t of the x-space loss: max(SNR_t, 1) ("truncated_snr") or SNR_t + 1 ("snr_plus_one")."""
+  ab = schedule.alphas_cumprod[t]
+  snr = ab / (1.0 - ab)
+  if weighting == "truncated_snr":
+    return jnp.maximum(snr, 1.0)
+  if weighting == "snr_plus_one":
+    return snr + 1.0
+  raise ConfigError(f"distill.weighting={weighting!r}: use one of {WEIGHTINGS}")
+
+
+def teacher_two_steps(schedule, eps_fn, z, grid, j, clip_x0: bool):
+  """The teacher's two DDIM steps from level 2j of ``grid`` to 2j+2: (t, t_end, z_end)."""
+  t, t_mid, t_end = grid[2 * j], grid[2 * j + 1], grid[2 * j + 2]
+  x0, eps = sampling.pred_x0_eps(eps_fn, schedule, z, t, clip_x0)
+  z_mid = ddim_step(schedule, x0, eps, t_mid)
+  x0, eps = sampling.pred_x0_eps(eps_fn, schedule, z_mid, t_mid, clip_x0)
+  return t, t_end, ddim_step(schedule, x0, eps, t_end)
+
+
+# ------------------------------------------------------------------ one round's objective
+
+def objective(config, model, schedule, teacher_config, teacher_params) -> train.Objective:
+  """The train-step objective of a round (``config.distill.teacher_steps`` -> half)."""
+  n_teacher = int(config.distill.teacher_steps)
+  grid = jnp.asarray(sampling.distilled_grid(schedule.num_timesteps, n_teacher))
+  clip_x0, weighting = bool(config.sampling.clip_x0), config.distill.weighting
+  prediction_type = config.model.prediction_type
+  teacher_model = models.create_model(teacher_config)
+
+  def loss(params, x0, labels, example_keys, dropout_key, teacher):
+    j = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, n_teacher // 2,
+                                              dtype=jnp.int32))(example_keys)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:]))(
+        example_keys)
+    t = grid[2 * j]
+    z = diffusion.q_sample(schedule, x0, t, noise)
+    eps_fn = generate.make_eps_fn(teacher_config, teacher_model, schedule, teacher, labels)
+    _, t_end, z_end = teacher_two_steps(schedule, eps_fn, z, grid, j, clip_x0)
+    target = jax.lax.stop_gradient(two_step_target(schedule, z, t, t_end, z_end))
+    pred = models.apply(model, params, z, t, labels, train=True,
+                        dropout_key=dropout_key).astype(jnp.float32)
+    x0_pred = diffusion.prediction_to_x0(schedule, z, t, pred, prediction_type)
+    mse = jnp.mean(jnp.square(x0_pred - target), axis=tuple(range(1, x0.ndim)))
+    return loss_weight(schedule, t, weighting) * mse, t
+
+  return train.Objective(loss, extra=teacher_params, init_params=teacher_params)
+
+
+# ------------------------------------------------------------------ rounds
+
+def round_steps(config) -> list[int]:
+  """Teacher step counts of the rounds: start_steps, start_steps/2, ... > end_steps."""
+  d = config.distill
+  start, end = int(d.start_steps), int(d.end_steps)
+  if end < 1 or start <= end or start % end or (start // end) & (start // end - 1):
+    raise ConfigError(f"distill.start_steps={start} must be end_steps={end} times a power of "
+                      f"two (each round halves the steps), e.g. 64 and 4")
+  out, n = [], start
+  while n > end:
+    out.append(n)
+    n //= 2
+  return out
+
+
+def check(config, num_timesteps: int) -> None:
+  d = config.distill
+  if not d.teacher:
+    raise ConfigError("set --config.distill.teacher=WORKDIR: the trained run to distill")
+  if d.prediction_type not in diffusion.PREDICTION_TYPES:
+    raise ConfigError(f"distill.prediction_type={d.prediction_type!r}: use one of "
+                      f"{diffusion.PREDICTION_TYPES}")
+  loss_weight(diffusion.make_schedule("linear", 100), jnp.zeros(1, jnp.int32), d.weighting)
+  for n in round_steps(config):
+    if n > num_timesteps:
+      raise ConfigError(f"distill.start_steps={n} exceeds diffusion.num_timesteps="
+                        f"{num_timesteps}")
+    teacher, student = (sampling.distilled_grid(num_timesteps, k) for k in (n, n // 2))
+    if not np.array_equal(teacher[::2], student):  # rounding of T/n broke the nesting
+      raise ConfigError(f"the {n}-step grid of T={num_timesteps} does not contain the "
+                        f"{n // 2}-step one: pick distill.start_steps dividing T")
+
+
+def round_dir(workdir: str, student_steps: int) -> str:
+  return fs.join(workdir, f"steps{student_steps}")
+
+
+def round_config(config, teacher_config, teacher_dir: str, round_index: int, teacher_steps: int,
+                 overrides: dict):
+  """A round's full config: the teacher's model, data, diffusion and sampling; training,
+  optim, eval and distill from ``config``; the student's parameterisation and sampler; then
+  the command line's ``overrides`` ({"a.b": value}), which win."""
+  c = config_lib.with_defaults(teacher_config)
+  for section in OWN_SECTIONS:
+    c[section] = config[section].copy_and_resolve_references()
+  d, s = c.distill, c.sampling
+  d.round, d.teacher_steps, d.round_teacher = round_index, teacher_steps, teacher_dir
+  c.model.prediction_type = d.prediction_type
+  s.sampler, s.spacing, s.num_steps, s.eta = "ddim", "trailing", teacher_steps // 2, 0.0
+  s.clip_x0 = bool(config.sampling.clip_x0)
+  for path, value in overrides.items():
+    if path.split(".")[0] in OWN_SECTIONS:
+      continue  # already in config
+    *parents, leaf = path.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _saved_config(workdir: str):
+  mngr = ckpt_lib.make_manager(workdir, read_only=True, async_save=False)
+  saved, _ = ckpt_lib.newest_config(mngr, workdir)
+  return config_lib.with_defaults(saved)
+
+
+def distill(config, workdir: str, overrides: dict | None = None) -> str | None:
+  """Runs the rounds into ``<workdir>/steps<N>``; returns the last round's workdir, or None
+  when a round was stopped (by a signal: the same command resumes it)."""
+  workdir = fs.normalize(workdir)
+  teacher_dir = fs.normalize(config.distill.teacher)
+  teacher_config = _saved_config(teacher_dir)
+  check(config, teacher_config.diffusion.num_timesteps)
+  steps = round_steps(config)
+  out = None
+  for r, n in enumerate(steps, start=1):
+    out = round_dir(workdir, n // 2)
+    cfg = round_config(config, teacher_config, teacher_dir, r, n, overrides or {})
+    if parallel.is_main():
+      logging.info("distillation round %d of %d: %d -> %d steps, teacher %s, into %s", r,
+                   len(steps), n, n // 2, teacher_dir, out)
+    model = models.create_model(cfg)
+    schedule = diffusion.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+    teacher_params, _ = ckpt_lib.load_params(teacher_config, teacher_dir)  # EMA by default
+    state = train.train_and_evaluate(
+        cfg, out, objective(cfg, model, schedule, teacher_config, teacher_params))
+    if int(state.step) < cfg.training.num_train_steps:
+      return None  # stopped: the trainer said so; rerunning resumes this round
+    teacher_dir, teacher_config = out, cfg
+  return out
