@@ -18,6 +18,12 @@ def get_config():
   config.model.num_res_blocks = 1
   config.model.attn_resolutions = (8,)
   config.model.dropout = 0.0
+  # v-prediction (Salimans & Ho 2022): with epsilon, L_simple gives an image's overall colour
+  # a weight of (alpha/sigma)^2 ~ 4e-5 at the noise levels where a sampler decides it, so
+  # after 1,500 steps the colours were the network's bias (grids pulled towards grey with
+  # magenta/green casts, R/G means 27/23 levels below the data); v weighs it ~1 (measured
+  # in docs/results.md, "The quickstart's first grid"; tests/test_diffusion.py).
+  config.model.prediction_type = "v"
   config.optim.learning_rate = 2e-3
   config.optim.warmup_steps = 100
   config.training.batch_size = 32

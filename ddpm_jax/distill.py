@@ -144,7 +144,8 @@ def check(config, num_timesteps: int) -> None:
   if d.prediction_type not in diffusion.PREDICTION_TYPES:
     raise ConfigError(f"distill.prediction_type={d.prediction_type!r}: use one of "
                       f"{diffusion.PREDICTION_TYPES}")
-  loss_weight(diffusion.make_schedule("linear", 100), jnp.zeros(1, jnp.int32), d.weighting)
+  if d.weighting not in WEIGHTINGS:
+    raise ConfigError(f"distill.weighting={d.weighting!r}: use one of {WEIGHTINGS}")
   for n in round_steps(config):
     if n > num_timesteps:
       raise ConfigError(f"distill.start_steps={n} exceeds diffusion.num_timesteps="
@@ -183,7 +184,8 @@ def round_config(config, teacher_config, teacher_dir: str, round_index: int, tea
   return c
 
 
-def _saved_config(workdir: str):
+def saved_config(workdir: str):
+  """The config saved with a workdir's newest checkpoint, with today's defaults filled in."""
   mngr = ckpt_lib.make_manager(workdir, read_only=True, async_save=False)
   saved, _ = ckpt_lib.newest_config(mngr, workdir)
   return config_lib.with_defaults(saved)
@@ -194,7 +196,7 @@ def distill(config, workdir: str, overrides: dict | None = None) -> str | None:
   when a round was stopped (by a signal: the same command resumes it)."""
   workdir = fs.normalize(workdir)
   teacher_dir = fs.normalize(config.distill.teacher)
-  teacher_config = _saved_config(teacher_dir)
+  teacher_config = saved_config(teacher_dir)
   check(config, teacher_config.diffusion.num_timesteps)
   steps = round_steps(config)
   out = None

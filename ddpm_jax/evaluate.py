@@ -14,8 +14,9 @@ Held-out likelihood:
     spaced strata per image (``strata``); each image's estimate is unbiased and the
     standard error is over images (it includes the data's own spread). K = 0 sums all
     T terms exactly.
-  * eps-MSE per tenth of the timesteps (``validation.ValidationLoss``, also logged
-    during training every ``training.eval_every_steps``).
+  * the loss (eps-MSE; v- or x0-MSE for such models) per tenth of the timesteps
+    (``validation.ValidationLoss``, also logged during training every
+    ``training.eval_every_steps``).
 
 Sample quality (``eval.num_samples`` > 0 samples with the ``sampling`` settings,
 quantised to uint8 as saved images are; ``eval.num_reference`` training images):
@@ -262,7 +263,9 @@ def _flat_scalars(report: dict) -> dict:
   return out
 
 
-def _print_table(r: dict) -> None:
+def _print_table(r: dict, prediction_type: str = "epsilon") -> None:
+  """The report on the console; the validation loss is in the model's own units."""
+  unit = {"epsilon": "eps"}.get(prediction_type, prediction_type)
   print(f"step {r['step']}: {r['bits_per_dim']:.3f} +- {r['bits_per_dim_stderr'] or 0:.3f} "
         f"bits/dim on {r['num_images']} {r['split']} images ({r['bound']})")
   if "bits_per_dim_uncond" in r:
@@ -271,7 +274,7 @@ def _print_table(r: dict) -> None:
   uncond = r.get("val_loss_uncond_per_t_bucket", {})
   for name, v in r["val_loss_per_t_bucket"].items():
     extra = f"   (unconditional {uncond[name]:.4f})" if name in uncond else ""
-    print(f"  eps-MSE {name:>10s}: {v:.4f}{extra}")
+    print(f"  {unit}-MSE {name:>10s}: {v:.4f}{extra}")
   if "num_samples" in r:
     n = f"{r['num_samples']} samples vs {r['num_reference']} training images"
     fid = r["fid"] if isinstance(r["fid"], str) else f"{r['fid']:.2f} (KID {r['kid']:.4f})"
@@ -354,7 +357,7 @@ def _write(config, workdir, report, samples_u8, ref, nearest, writer) -> None:
   fs.write_json(f"{stem}.json", report)
   if not name:  # named evaluations are side studies: kept out of the curves
     writer.scalars(step, _flat_scalars(report))
-  _print_table(report)
+  _print_table(report, config.model.prediction_type)
   logging.info("wrote %s.json", stem)
 
 

@@ -117,6 +117,8 @@ def test_rounds_halve_the_steps_and_bad_settings_are_one_line():
   with pytest.raises(ConfigError, match="does not contain"):
     distill.check(_distill_config(**{"distill.teacher": "t", "distill.start_steps": 48,
                                      "distill.end_steps": 3}), 100)
+  with pytest.raises(ConfigError, match="distill.weighting"):
+    distill.check(_distill_config(**{"distill.teacher": "t", "distill.weighting": "snr"}), 1000)
   with pytest.raises(ConfigError, match="prediction_type"):
     distill.check(_distill_config(**{"distill.teacher": "t", "distill.prediction_type": "z"}),
                   1000)
@@ -155,7 +157,7 @@ def _ddim(workdir, num_steps: int, seed: int = 7, num: int = 64):
   """Samples of a workdir's EMA parameters with deterministic DDIM on the trailing grid
   (a student's own grid at its own step count), the same noise for every call."""
   from ddpm_jax import models
-  config = distill._saved_config(str(workdir))
+  config = distill.saved_config(str(workdir))
   s = config.sampling
   s.sampler, s.spacing, s.eta, s.num_steps, s.batch_size = "ddim", "trailing", 0.0, num_steps, 32
   params, _ = ckpt_lib.load_params(config, str(workdir))
@@ -199,7 +201,7 @@ def test_distillation_resumes_bitwise_after_kill_9_and_its_students_beat_ddim(tm
   rerun = run_main(*flags, "--workdir", str(killed), cwd=tmp_path)
   assert "resumed from step" in rerun.stderr
   for n in (4, 2):
-    config = distill._saved_config(str(killed / f"steps{n}"))
+    config = distill.saved_config(str(killed / f"steps{n}"))
     step_a, a = cli.final_state(tmp_path / "straight" / f"steps{n}", config)
     step_b, b = cli.final_state(killed / f"steps{n}", config)
     assert step_a == step_b == 40
