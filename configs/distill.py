@@ -28,7 +28,7 @@ def get_config():
   t.ema_decay = 0.999  # the next round's teacher is the EMA of this one's student
   t.keep_period = 0  # rounds are short: keep_checkpoints of each is enough
   o = config.optim
-  o.learning_rate = 2e-4  # a fine-tune of the teacher's weights, not training from scratch
+  o.learning_rate = 3e-4  # a fine-tune of the teacher's weights, not training from scratch
   o.warmup_steps = 50
   o.lr_schedule = "cosine"  # to 0 at the end of each round
   return config

@@ -29,8 +29,9 @@ error. So the student predicts v (x^ = alpha z - sigma v^, errors scaled by sigm
 ``distill.prediction_type``) and the loss is "truncated SNR" weighted, w_t = max(SNR_t, 1)
 (``distill.weighting``; "snr_plus_one" is ||v~ - v^||^2), which does not vanish at high
 noise where a few-step sampler makes its largest moves. An epsilon teacher's weights
-start the v student: at high noise v ~ eps, so only the low-noise end of the output
-mapping has to be relearned, which the first round does.
+start the v student (v = alpha eps - sigma x0): right where noise is low (v ~ eps), wrong
+where it is high (v ~ -x0), which the first round, at many steps, has to relearn; a v
+teacher's student starts exactly as its teacher.
 """
 
 from __future__ import annotations
