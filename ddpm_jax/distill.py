@@ -196,6 +196,8 @@ def distill(config, workdir: str, overrides: dict | None = None) -> str | None:
   """Runs the rounds into ``<workdir>/steps<N>``; returns the last round's workdir, or None
   when a round was stopped (by a signal: the same command resumes it)."""
   workdir = fs.normalize(workdir)
+  if not config.distill.teacher:
+    raise ConfigError("set --config.distill.teacher=WORKDIR: the trained run to distill")
   teacher_dir = fs.normalize(config.distill.teacher)
   teacher_config = saved_config(teacher_dir)
   check(config, teacher_config.diffusion.num_timesteps)

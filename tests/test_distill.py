@@ -115,6 +115,8 @@ def test_rounds_halve_the_steps_and_bad_settings_are_one_line():
                                              "distill.end_steps": end}))
   with pytest.raises(ConfigError, match="distill.teacher"):
     distill.check(_distill_config(), 1000)
+  with pytest.raises(ConfigError, match="distill.teacher"):  # before anything is read
+    distill.distill(_distill_config(), "/nonexistent/workdir")
   with pytest.raises(ConfigError, match="does not contain"):
     distill.check(_distill_config(**{"distill.teacher": "t", "distill.start_steps": 48,
                                      "distill.end_steps": 3}), 100)
