@@ -106,8 +106,7 @@ def objective(config, model, schedule, teacher_config, teacher_params) -> train.
   def loss(params, x0, labels, example_keys, dropout_key, teacher):
     j = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, n_teacher // 2,
                                               dtype=jnp.int32))(example_keys)
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:]))(
-        example_keys)
+    noise = train.example_noise(example_keys, x0.shape[1:])
     t = grid[2 * j]
     z = diffusion.q_sample(schedule, x0, t, noise)
     eps_fn = generate.make_eps_fn(teacher_config, teacher_model, schedule, teacher, labels)

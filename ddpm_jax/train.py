@@ -69,6 +69,11 @@ class Objective(NamedTuple):
   init_params: Any = None
 
 
+def example_noise(example_keys, shape) -> jax.Array:
+  """Each example's Gaussian noise of ``shape``, from ``fold_in(its key, 1)`` (any objective)."""
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), shape))(example_keys)
+
+
 def denoising_objective(config, model, schedule: diffusion.Schedule) -> Objective:
   """L_simple: t uniform in [0, T), the network's prediction against its target."""
   T = schedule.num_timesteps
@@ -78,8 +83,7 @@ def denoising_objective(config, model, schedule: diffusion.Schedule) -> Objectiv
     del extra
     t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, T,
                                               dtype=jnp.int32))(example_keys)
-    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:]))(
-        example_keys)
+    noise = example_noise(example_keys, x0.shape[1:])
     model_fn = lambda x, tt: models.apply(model, params, x, tt, labels,  # noqa: E731
                                           train=True, dropout_key=dropout_key)
     return diffusion.per_example_loss(schedule, model_fn, x0, t, noise, prediction_type), t
