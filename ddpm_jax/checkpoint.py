@@ -8,9 +8,13 @@ workdir may be local or ``gs://``.
 What happens when a checkpoint does not restore (``restore_newest``), decided once for
 all processes of a job:
   * its bytes are bad (a truncated or missing file, unparsable metadata), on a retry too:
-    it is moved to ``<workdir>/checkpoints_unreadable/<step>-<time>`` with one warning and
-    the newest one before it is used; a trainer whose every checkpoint is bad stops
-    rather than start from scratch;
+    the trainer (the holder of the workdir lock, and only it) moves it to
+    ``<workdir>/checkpoints_unreadable/<step>-<time>`` with one warning and uses the newest
+    one before it; a reader (sampling, eval, a distillation's teacher) skips it with a
+    warning and moves nothing, and a step that is gone meanwhile (deleted by the live
+    trainer's rotation) is skipped without one. A trainer whose every checkpoint is bad
+    stops rather than start from scratch, and keeps stopping while
+    ``checkpoints_unreadable/`` holds what was set aside and ``checkpoints/`` nothing;
   * it does not fit the config (a changed optimizer or model setting): one line naming
     the setting, nothing moved;
   * any other error (permission, network, out of memory): one line, nothing moved.
@@ -19,6 +23,7 @@ Sampling and eval restore the parameters only, so optimizer settings cannot matt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -84,7 +89,7 @@ def restore(manager: ocp.CheckpointManager, template, step: int | None = None):
 
 
 def _set_aside(workdir: str, step: int) -> str:
-  dst = fs.join(fs.normalize(workdir), "checkpoints_unreadable", f"{step}-{int(time.time())}")
+  dst = fs.join(fs.normalize(workdir), UNREADABLE, f"{step}-{int(time.time())}")
   fs.move(fs.join(checkpoint_dir(workdir), str(step)), dst)
   return dst
 
@@ -202,13 +207,16 @@ def _attempt(manager, step: int, template, parts, retries: int) -> _Outcome:
 
 
 def restore_newest(manager: ocp.CheckpointManager, workdir: str, template,
-                   steps: list[int] | None = None, parts=None, retries: int = 2):
+                   steps: list[int] | None = None, parts=None, retries: int = 2,
+                   set_aside: bool = False):
   """(state, step) of the newest checkpoint that restores; (None, None) if there is none.
 
   ``parts`` (e.g. ("params", "ema_params")) restores only those top-level fields of the
   train state and returns a dict; by default the whole ``template`` (a TrainState).
   Every process of a job tries the same step and they agree on the outcome (the
   module docstring says what each outcome does). ``steps`` limits the candidates.
+  ``set_aside``: damaged checkpoints are moved out of the way; only the holder of the
+  workdir lock may pass it (a reader beside a live trainer must never move its files).
   Raises ConfigError if a checkpoint does not fit the config and UserError if one
   cannot be read for a reason other than bad bytes, on every process.
   """
@@ -221,9 +229,11 @@ def restore_newest(manager: ocp.CheckpointManager, workdir: str, template,
   parts = tuple(parts or _paths_top(template))
   _quiet_closed_loop_callbacks()
   reader = _reader(workdir) if jax.process_count() > 1 else manager
-  set_aside = []
+  moved = []
   for step in candidates:
     mine = _attempt(reader, step, template, parts, retries)
+    if mine.kind != "ok" and not set_aside and not _step_exists(workdir, step):
+      mine = _Outcome("gone", mine.message)
     outcomes = [o.split("\t", 1) for o in parallel.exchange(
         f"restore {step}", f"{mine.kind}\t{mine.message}")]
     kinds = [k for k, _ in outcomes]
@@ -232,6 +242,10 @@ def restore_newest(manager: ocp.CheckpointManager, workdir: str, template,
       if parts != tuple(_paths_top(template)):
         state = {p: state[p] for p in parts}
       return state, step
+    if "gone" in kinds:  # rotated away by the live trainer while we read it
+      logging.info("checkpoint %d in %s was deleted while being read; using an older one",
+                   step, checkpoint_dir(workdir))
+      continue
     first = next(i for i, k in enumerate(kinds) if k != "ok")
     where = f" (process {first})" if len(kinds) > 1 else ""
     if "incompatible" in kinds:
@@ -250,21 +264,50 @@ def restore_newest(manager: ocp.CheckpointManager, workdir: str, template,
           f"{outcomes[i][1]}; nothing was changed (this is not a sign of a bad checkpoint: "
           f"check access to the workdir, free memory, then rerun)")
     cause = outcomes[first][1]
+    if not set_aside:
+      logging.warning("checkpoint %d in %s cannot be read (%s%s); using the newest one "
+                      "before it (left in place: only the trainer moves checkpoints)", step,
+                      checkpoint_dir(workdir), cause, where)
+      continue
     dst = parallel.process_0_then_all(f"set aside checkpoint {step}",
                                       lambda s=step: _set_aside(workdir, s))
     logging.warning("checkpoint %d in %s is damaged (%s%s); moved it to %s and using the newest "
                     "one before it", step, checkpoint_dir(workdir), cause, where,
                     dst or "checkpoints_unreadable/")
-    set_aside.append(step)
+    moved.append(step)
     manager.reload()
     reader.reload()
-  if set_aside and len(set_aside) == len(candidates) and steps is None:
+  if set_aside and steps is None and (moved or set_aside_steps(workdir)):
     raise UserError(
-        f"every checkpoint in {checkpoint_dir(workdir)} is damaged (steps "
-        f"{', '.join(map(str, set_aside))}, moved to checkpoints_unreadable/); not starting "
-        f"from scratch on my own: rerun the same command to start from step 0, or copy a "
-        f"good checkpoint back into checkpoints/")
+        f"no checkpoint in {checkpoint_dir(workdir)} reads and "
+        f"{fs.join(fs.normalize(workdir), UNREADABLE)}/ holds the damaged ones set aside "
+        f"(steps {', '.join(map(str, moved or set_aside_steps(workdir)))}): not starting "
+        f"from step 0 on my own. Copy a good checkpoint back into checkpoints/, or move "
+        f"{UNREADABLE}/ out of the workdir to start this run again from step 0")
   return None, None
+
+
+UNREADABLE = "checkpoints_unreadable"
+
+
+def set_aside_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints set aside in ``<workdir>/checkpoints_unreadable/``."""
+  folder = fs.join(fs.normalize(workdir), UNREADABLE)
+  if not fs.exists(folder):
+    return []
+  steps = []
+  for name in fs.listdir(folder):
+    head = name.rstrip("/").rsplit("/", 1)[-1].split("-", 1)[0]
+    if head.isdigit():
+      steps.append(int(head))
+  return sorted(set(steps), reverse=True)
+
+
+def _step_exists(workdir: str, step: int) -> bool:
+  try:
+    return fs.exists(fs.join(checkpoint_dir(workdir), str(step)))
+  except Exception:  # noqa: BLE001  (cannot tell: treat it as there)
+    return True
 
 
 def _paths_top(template) -> list[str]:
@@ -280,13 +323,21 @@ def restore_config(manager: ocp.CheckpointManager, step: int | None = None):
 
 
 def newest_config(manager: ocp.CheckpointManager, workdir: str):
-  """(config, step) of the newest checkpoint whose config reads; raises NoCheckpointError."""
-  for step in sorted(manager.all_steps(), reverse=True):
+  """(config, step) of the newest checkpoint whose config reads; raises NoCheckpointError
+  if there is no checkpoint, UserError if there are some and no config of them reads."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  errors = []
+  for step in steps:
     try:
       return restore_config(manager, step), step
     except Exception as e:  # noqa: BLE001
       logging.warning("the config of checkpoint %d cannot be read (%s); trying older ones",
                       step, type(e).__name__)
+      errors.append(f"{step}: {_first_line(e)}")
+  if steps:
+    raise UserError(f"the config of no checkpoint in {checkpoint_dir(workdir)!r} can be read "
+                    f"({'; '.join(errors)[:400]}): check access to the workdir; a damaged "
+                    f"checkpoint can be moved out of checkpoints/")
   raise NoCheckpointError(f"no checkpoint in {checkpoint_dir(workdir)!r}: train first with "
                           f"`python main.py --config CONFIG --workdir {workdir}`")
 
@@ -306,16 +357,39 @@ def write_config_json(workdir: str, config) -> None:
 
 def load_params(config, workdir: str, step: int | None = None):
   """The (EMA, if ``sampling.use_ema``) parameters of the newest readable checkpoint (or of
-  ``step``), and its step: what sampling and eval need, nothing of the optimizer."""
+  ``step``), and its step: what sampling and eval need, nothing of the optimizer. Damaged
+  checkpoints are set aside only while no trainer holds the workdir (``_lock_if_free``)."""
   mngr = make_manager(workdir, read_only=True, async_save=False)
   template = state.abstract_train_state(config)
-  restored, step = restore_newest(mngr, workdir, template, None if step is None else [step],
-                                  parts=("params", "ema_params"))
+  with _lock_if_free(workdir) as may_move:
+    restored, step = restore_newest(mngr, workdir, template, None if step is None else [step],
+                                    parts=("params", "ema_params"), set_aside=may_move)
   if restored is None:
     raise NoCheckpointError(f"no readable checkpoint in {checkpoint_dir(workdir)!r}: "
                             f"train first with `python main.py --config CONFIG --workdir "
                             f"{workdir}`")
   return restored["ema_params" if config.sampling.use_ema else "params"], step
+
+
+@contextlib.contextmanager
+def _lock_if_free(workdir: str):
+  """Yields True, holding the workdir lock, if no trainer holds it (then a reader may set
+  damaged checkpoints aside: nobody else is using them), False otherwise: a live trainer
+  rotates its checkpoints, and what a reader sees fail may be one just deleted."""
+  from ddpm_jax import lock as lock_lib
+  lock = lock_lib.WorkdirLock(workdir)
+
+  def take() -> str:
+    try:
+      lock.acquire()
+      return "1"
+    except Exception:  # noqa: BLE001  (held by a trainer, or not writable: move nothing)
+      return "0"
+  got = parallel.exchange("reader lock", take() if parallel.is_main() else "")[0] == "1"
+  try:
+    yield got
+  finally:
+    lock.release()
 
 
 CLASSES_FILE = "classes.json"  # a class-conditional run's class names, in label order

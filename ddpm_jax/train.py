@@ -229,7 +229,7 @@ def train_and_evaluate(config, workdir: str, objective: Objective | None = None)
   is_main = parallel.is_main()
   parallel.process_0_then_all("check the workdir", lambda: fs.check_writable(workdir, "--workdir"))
   t = config.training
-  mngr = ckpt_lib.make_manager(workdir, max_to_keep=t.keep_checkpoints,
+  mngr = ckpt_lib.make_manager(workdir, max_to_keep=t.keep_checkpoints or None,  # 0: keep all
                                keep_period=t.keep_period or None)
   if mngr.latest_step() is not None:
     saved, _ = ckpt_lib.newest_config(mngr, workdir)
@@ -247,8 +247,6 @@ def train_and_evaluate(config, workdir: str, objective: Objective | None = None)
 
 def _train(config, workdir, mngr, lock, stop, is_main, objective):
   t = config.training
-  if is_main:
-    ckpt_lib.write_config_json(workdir, config)
   model = models.create_model(config)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   tx = state_lib.make_optimizer(config)
@@ -257,11 +255,15 @@ def _train(config, workdir, mngr, lock, stop, is_main, objective):
   if objective is not None and objective.init_params is not None:  # a student: its teacher
     init = jax.device_get(objective.init_params)
     state = state.replace(params=init, ema_params=init, opt_state=jax.device_get(tx.init(init)))
-  restored, latest = ckpt_lib.restore_newest(mngr, workdir, state)
+  restored, latest = ckpt_lib.restore_newest(mngr, workdir, state, set_aside=True)
   if restored is not None:
     state = restored
     logging.info("resumed from step %d in %s", latest, ckpt_lib.checkpoint_dir(workdir))
   step = int(state.step)
+  if is_main:  # after the restore: a start refused there leaves the run's config.json alone
+    ckpt_lib.write_config_json(workdir, config)
+    if step == 0:
+      _keep_old_metrics(workdir)
   logging.info("model: %s parameters", f"{models.count_params(state.params):,}")
 
   source = datasets.get_source(config, config.data.train_split,
@@ -291,6 +293,18 @@ def _train(config, workdir, mngr, lock, stop, is_main, objective):
     logging.warning("stopped by %s at step %d (checkpoint saved); the same command resumes",
                     who, run.step)
   return parallel.unreplicate(run.state_r)
+
+
+def _keep_old_metrics(workdir: str) -> None:
+  """A run that starts from step 0 over an earlier run's ``metrics.jsonl`` (its checkpoints
+  deleted or moved by hand) keeps that file as ``metrics-<time>.jsonl`` rather than
+  truncate it to nothing."""
+  path = fs.join(workdir, "metrics.jsonl")
+  if fs.exists(path) and fs.read_bytes(path).strip():
+    dst = fs.join(workdir, f"metrics-{int(time.time())}.jsonl")
+    fs.move(path, dst)
+    logging.warning("starting from step 0: the earlier metrics.jsonl of %s is kept as %s",
+                    workdir, dst)
 
 
 class _Dispatch(NamedTuple):
@@ -377,7 +391,7 @@ class _Run:
     requests = parallel.requests_array(
         stop=bool(self.stop),
         save=bool(t.checkpoint_every_minutes) and minutes > t.checkpoint_every_minutes,
-        abort=parallel.is_main() and self.lock.lost)
+        abort=parallel.is_main() and self.lock.is_lost())
     self.state_r, metrics, agreed = self.p_step(
         self.state_r, jax.tree.map(parallel.shard, batch), self.train_key, requests)
     self.stop.started()
@@ -403,9 +417,11 @@ class _Run:
     if self.bad_streak >= t.max_bad_steps:
       raise DivergenceError(
           f"training diverged: {self.bad_streak} consecutive steps with non-finite loss or "
-          f"gradients up to step {d.step}; the last good checkpoint is step "
-          f"{self.mngr.latest_step()}. Lower --config.optim.learning_rate or check the data, "
-          f"then rerun to resume from it.")
+          f"gradients up to step {d.step}; "
+          + (f"the last good checkpoint is step {self.mngr.latest_step()}"
+             if self.mngr.latest_step() is not None else "no checkpoint was saved before")
+          + ". Lower --config.optim.learning_rate or check the data, then rerun to resume "
+          "from the last good checkpoint.")
     self.bar.update(t.steps_per_dispatch, {"loss": f"{m['loss']:.4f}"})
     return agreed
 
@@ -423,6 +439,6 @@ class _Run:
 
   def abort_if_asked(self, agreed: parallel.Agreed) -> None:
     if agreed.abort:  # on every process at the same step, before anything is written
-      raise WorkdirLocked(f"another trainer took over the workdir {self.workdir!r} (its lock "
-                          f"was not refreshed in time): stopped at step {self.step} without "
+      raise WorkdirLocked(f"another trainer took over the workdir {self.workdir!r} (it took "
+                          f"the lock from this one): stopped at step {self.step} without "
                           f"writing")
