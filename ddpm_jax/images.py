@@ -1,25 +1,60 @@
-"""Image helpers: decoding any image file to RGB, crop/resize, [-1, 1] <-> uint8, grids,
-and PNG/GIF files written through ``ddpm_jax.fs`` (local or ``gs://``)."""
+"""Image helpers: decoding image files to RGB, crop/resize, [-1, 1] <-> uint8, grids,
+and PNG/GIF files written through ``ddpm_jax.fs`` (local or ``gs://``).
+
+Every image file we read (training folders, ``sampling.inputs``, masks) goes through
+``open_image``: files come from anywhere, so only the formats we list are parsed and no
+image is decoded beyond ``MAX_PIXELS`` (a few hundred bytes of PNG can declare gigabytes).
+"""
 
 from __future__ import annotations
 
 import io
 import math
 import os
+import threading
+import warnings
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, JpegImagePlugin
 
 from ddpm_jax import fs
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-Image.MAX_IMAGE_PIXELS = 20_000 * 20_000  # allow big photos; bombs beyond are refused
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP")  # the formats of EXTENSIONS; nothing else is parsed
+# The most pixels decoded from one file: 64 MP (8192 x 8192) covers camera photos and
+# scans, and is ~200 MB as RGB (~1 GB peak with the conversions) per decode, with up to 8 in
+# flight during preparation. JPEGs are decoded at reduced scale first (``Image.draft``), so
+# this counts their reduced size; PIL's own bomb warning (about 89 MP declared) is an error.
+MAX_PIXELS = 64 * 1024 * 1024
+# Decodes above this many pixels run at most two at a time (bounds preparation's peak memory).
+_BIG_PIXELS = 16 * 1024 * 1024
+_BIG_DECODES = threading.BoundedSemaphore(2)
+# ``warnings.catch_warnings`` swaps the process-wide filter list: one at a time, or two
+# overlapping threads could leave the "error" filter installed for good.
+_OPEN_LOCK = threading.Lock()
+
+
+class ImageRefused(ValueError):
+  """An image file that is not decoded: a format we do not read, or too many pixels."""
 
 
 def list_images(folder: str) -> list[str]:
-  """Image files under a local ``folder`` (recursive), as sorted relative paths."""
-  out = []
-  for root, _, files in os.walk(folder):
+  """Image files under a local ``folder`` (recursive), as sorted relative paths.
+
+  Symlinked sub-folders are followed; a folder reached twice (a link loop, or two links
+  to one folder) is listed once, under the first path found (walked in sorted order).
+  Broken links with an image extension are listed: reading them fails, and preparation
+  skips and reports them like any unreadable file.
+  """
+  out, seen = [], {os.path.realpath(folder)}
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    keep = []
+    for d in sorted(dirs):
+      real = os.path.realpath(os.path.join(root, d))
+      if real not in seen:
+        seen.add(real)
+        keep.append(d)
+    dirs[:] = keep
     for f in files:
       if f.lower().endswith(EXTENSIONS):
         out.append(os.path.relpath(os.path.join(root, f), folder))
@@ -49,31 +84,70 @@ def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:
   return out[..., None] if out.ndim == 2 else out
 
 
+def open_image(path: str, size: int | None = None, mode: str = "RGB") -> Image.Image:
+  """The decoded image in file ``path`` (local or gs://), refused (``ImageRefused``) when it
+  is not one of FORMATS or has more than MAX_PIXELS; other bad files raise PIL's errors.
+
+  A JPEG is decoded at the smallest power-of-two reduction that keeps both sides at least
+  ``2 * size`` (``size`` None: full size).
+  """
+  data = fs.read_bytes(path) if fs.is_remote(path) else None
+  with open(path, "rb") if data is None else io.BytesIO(data) as fp:
+    im = _open_checked(fp, path)
+    if size and isinstance(im, JpegImagePlugin.JpegImageFile):
+      im.draft(mode, (size * 2, size * 2))
+    pixels = im.width * im.height
+    if pixels > MAX_PIXELS:
+      raise ImageRefused(f"{im.width}x{im.height} pixels: more than the {MAX_PIXELS} that "
+                         "are decoded; downscale the file first")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    if pixels > _BIG_PIXELS:
+      with _BIG_DECODES:
+        im.load()
+    else:
+      im.load()
+  return im
+
+
+def _open_checked(fp, path: str) -> Image.Image:
+  """``Image.open`` for FORMATS only, with PIL's bomb warning raised as ``ImageRefused``."""
+  try:
+    with _OPEN_LOCK, warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      return Image.open(fp, formats=FORMATS)
+  except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+    raise ImageRefused(f"declares too many pixels ({e})") from None
+  except Image.UnidentifiedImageError:
+    raise ImageRefused(f"not a {', '.join(FORMATS)} image (the formats read: "
+                       f"{', '.join(EXTENSIONS)})") from None
+
+
 def load_rgb(path: str, size: int) -> np.ndarray:
-  """Decodes any supported image file to uint8 RGB (size, size, 3); raises on a bad file.
+  """Decodes a supported image file to uint8 RGB (size, size, 3); raises on a bad file.
 
   Grayscale, RGBA/LA (over white), palette, CMYK and 16-bit images are converted;
   the image is centre-cropped and resized like training data.
   """
-  ImageFile.LOAD_TRUNCATED_IMAGES = False
-  with Image.open(io.BytesIO(fs.read_bytes(path)) if fs.is_remote(path) else path) as im:
-    if im.format == "JPEG":
-      im.draft("RGB", (size * 2, size * 2))  # decode big JPEGs at reduced scale
-    im.load()
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-      arr = np.asarray(im, np.float64)
-      arr = arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0
-      im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-    if im.mode == "P":
-      im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA"):
-      bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-      im = Image.alpha_composite(bg, im.convert("RGBA"))
-    im = im.convert("RGB")
-    arr = np.asarray(im)
+  im = open_image(path, size)
+  if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+    arr = np.asarray(im, np.float64)
+    arr = arr / (65535.0 if arr.max() > 255 else 255.0) * 255.0
+    im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+  if im.mode == "P":
+    im = im.convert("RGBA")
+  if im.mode in ("RGBA", "LA", "PA"):
+    bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+    im = Image.alpha_composite(bg, im.convert("RGBA"))
+  arr = np.asarray(im.convert("RGB"))
   if arr.ndim != 3 or min(arr.shape[:2]) < 1:
     raise ValueError(f"unexpected image shape {arr.shape}")
   return center_crop_resize(arr, size)
+
+
+def load_grey(path: str, size: int) -> np.ndarray:
+  """A mask file as uint8 (size, size) grey, resized with nearest neighbours (no crop)."""
+  im = open_image(path, size, mode="L")
+  return np.asarray(im.convert("L").resize((size, size), Image.NEAREST))
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:

@@ -14,15 +14,19 @@ Preprocessing is pytorch-fid's: uint8 images -> [0, 1] -> bilinear resize to 299
 -> [-1, 1].
 
 Nothing is downloaded: the path of the weights file is ``config.eval.inception_weights``
-and its sha256 is checked (``EXPECTED_SHA256_PREFIX`` is the hash prefix torch.hub
-puts in the file name).
+and its full sha256 is checked against ``EXPECTED_SHA256`` (``config.eval.inception_sha256``;
+the 8-hex prefix torch.hub puts in the file name stands for it, as a prefix alone can be
+forged). The file is untrusted input: its size, every zip member and every tensor view
+into its storages are bounds-checked before anything is read or copied.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import math
 import pickle
+import re
 import zipfile
 from collections import OrderedDict
 
@@ -32,10 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import fs
-from ddpm_jax.errors import WeightsError
+from ddpm_jax.errors import ConfigError, WeightsError
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
-EXPECTED_SHA256_PREFIX = "6726825d"
+EXPECTED_SHA256_PREFIX = "6726825d"  # in the official file name; stands for the full hash
+# The sha256 of pytorch-fid's release file (95,628,359 bytes); torch-fidelity re-hosts the
+# same bytes as weights-inception-2015-12-05-6726825d.pth.
+EXPECTED_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+# Size caps for an untrusted weights file: the real one is 96 MB with a ~50 KB pickle.
+MAX_FILE_BYTES = 512 << 20  # the file, all its storages together, and all tensors read
+MAX_PICKLE_BYTES = 16 << 20
 FEATURE_DIM = 2048
 __all__ = ["WeightsError", "load_params", "make_feature_fn", "read_torch_file"]
 
@@ -219,6 +229,7 @@ _TORCH_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64,
                  "HalfStorage": np.float16, "LongStorage": np.int64, "IntStorage": np.int32,
                  "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
                  "BoolStorage": np.bool_, "BFloat16Storage": None}
+_DTYPES = tuple(d for d in _TORCH_DTYPES.values() if d is not None)
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
@@ -227,15 +238,38 @@ class _Storage:
     self.dtype, self.key, self.numel, self.data = dtype, key, numel, None
 
 
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
 class _Tensor:
   def __init__(self, storage, offset, size, stride):
-    self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+    self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
-  def numpy(self) -> np.ndarray:
-    d = self.storage.data
-    item = d.itemsize
+  def numpy(self, budget: list[int]) -> np.ndarray:
+    """A copy of the view, after checking that every element it reaches is inside its
+    storage (``as_strided`` itself would read any memory); ``budget[0]``: bytes left."""
+    s, off, size, stride = self.storage, self.offset, self.size, self.stride
+    if not isinstance(s, _Storage) or s.data is None:
+      raise WeightsError("a tensor without storage data")
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+            and len(size) <= 16 and all(map(_is_int, size + stride + (off,)))):
+      raise WeightsError(f"malformed view (offset {off!r}, size {size!r}, stride {stride!r})")
+    if off < 0 or min(size + stride, default=0) < 0:
+      raise WeightsError(f"negative view (offset {off}, size {size}, stride {stride})")
+    count = math.prod(size)
+    if count == 0:
+      return np.zeros(size, s.dtype)
+    last = off + sum((n - 1) * st for n, st in zip(size, stride))
+    if last >= len(s.data):
+      raise WeightsError(f"view (offset {off}, size {size}, stride {stride}) reaches element "
+                         f"{last} of a storage of {len(s.data)}")
+    budget[0] -= count * s.dtype.itemsize
+    if budget[0] < 0:
+      raise WeightsError(f"tensors of more than {MAX_FILE_BYTES} bytes in all")
+    item = s.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
-        d[self.offset:], self.size, tuple(s * item for s in self.stride))
+        s.data[off:], size, tuple(st * item if n > 1 else 0 for n, st in zip(size, stride)))
     return np.array(view)
 
 
@@ -262,10 +296,17 @@ class _Unpickler(pickle.Unpickler):
     # ('storage', storage_type, key, location, numel[, view_metadata])
     if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
       raise WeightsError(f"unexpected persistent id {pid!r}")
-    key = str(pid[2])
+    if len(pid) < 5 or not any(pid[1] is d for d in _DTYPES) or not isinstance(pid[2], (str, int)):
+      raise WeightsError(f"malformed storage reference {pid!r:.100}")
+    key, dtype, numel = str(pid[2]), np.dtype(pid[1]), pid[4]
+    if not _is_int(numel) or not 0 <= numel * dtype.itemsize <= MAX_FILE_BYTES:
+      raise WeightsError(f"storage {key} declares {numel!r:.40} elements")
     if key not in self.storages:
-      self.storages[key] = _Storage(np.dtype(pid[1]), key, int(pid[4]))
-    return self.storages[key]
+      self.storages[key] = _Storage(dtype, key, numel)
+    st = self.storages[key]
+    if (st.dtype, st.numel) != (dtype, numel):
+      raise WeightsError(f"storage {key} is declared twice, as different types or sizes")
+    return st
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -295,52 +336,100 @@ def read_torch_file(path: str) -> dict[str, np.ndarray]:
 
   Every pickled object, the legacy header's too, is read by a restricted unpickler that
   builds only a state dict of tensors: a file that asks for anything else (a call to
-  ``os.system``, say) is a ``WeightsError`` and nothing in it runs.
+  ``os.system``, say) is a ``WeightsError`` and nothing in it runs. Sizes are capped
+  (``MAX_FILE_BYTES``, ``MAX_PICKLE_BYTES``) and tensor views bounds-checked.
   """
-  raw = fs.read_bytes(path)
+  return parse_torch_bytes(_read_capped(path), path)
+
+
+def _read_capped(path: str) -> bytes:
+  """The file's bytes; more than MAX_FILE_BYTES is refused without reading it all."""
+  with fs.path(path).open("rb") as f:
+    raw = f.read(MAX_FILE_BYTES + 1)
+  if len(raw) > MAX_FILE_BYTES:
+    raise WeightsError(f"{path}: more than {MAX_FILE_BYTES >> 20} MB, not the Inception "
+                       "weights file")
+  return raw
+
+
+def parse_torch_bytes(raw: bytes, path: str) -> dict[str, np.ndarray]:
+  """``read_torch_file`` of bytes already read (``path`` is for messages)."""
   try:
-    return _read_torch_bytes(raw, path)
-  except WeightsError:
-    raise
+    obj, storages = _read_torch_bytes(raw, path)
+    if not isinstance(obj, dict):
+      raise WeightsError(f"holds a {type(obj).__name__}, not a state dict")
+    budget, out = [MAX_FILE_BYTES], {}
+    for k, v in obj.items():
+      if isinstance(v, _Tensor):
+        if not isinstance(k, str):
+          raise WeightsError(f"a tensor named {k!r:.40}, not a string")
+        try:
+          out[k] = v.numpy(budget)
+        except WeightsError as e:
+          raise WeightsError(f"tensor {k!r:.80}: {e}") from None
+    return out
+  except WeightsError as e:
+    msg = str(e)
+    raise WeightsError(msg if msg.startswith(path) else f"{path}: {msg}") from None
   except Exception as e:  # noqa: BLE001  (truncated or malformed: pickle, zip, numpy errors)
     raise WeightsError(f"{path}: not a readable torch weights file ({type(e).__name__}: "
                        f"{str(e)[:100]})") from None
 
 
-def _read_torch_bytes(raw: bytes, path: str) -> dict[str, np.ndarray]:
+def _read_member(z: zipfile.ZipFile, name: str, cap: int, exact: int | None = None) -> bytes:
+  """Zip member ``name``, refused past ``cap`` bytes: as declared in the zip directory, and
+  while inflating (in chunks), as the directory's sizes are the file's word."""
+  info = z.getinfo(name)
+  if info.file_size > cap or (exact is not None and info.file_size != exact):
+    want = f"{exact}" if exact is not None else f"at most {cap}"
+    raise WeightsError(f"zip member {name} holds {info.file_size} bytes, expected {want}")
+  out = bytearray()
+  with z.open(info) as f:
+    while chunk := f.read(1 << 20):
+      out += chunk
+      if len(out) > cap:
+        raise WeightsError(f"zip member {name} inflates past {cap} bytes")
+  return bytes(out)
+
+
+def _read_torch_bytes(raw: bytes, path: str) -> tuple[object, dict]:
   if zipfile.is_zipfile(io.BytesIO(raw)):
     with zipfile.ZipFile(io.BytesIO(raw)) as z:
-      names = z.namelist()
-      pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+      pkl = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
       if not pkl:
-        raise WeightsError(f"{path}: a zip file without data.pkl, not a torch file")
+        raise WeightsError("a zip file without data.pkl, not a torch file")
       prefix = pkl[0][:-len("data.pkl")]
-      obj, storages = _unpickle(io.BytesIO(z.read(pkl[0])))
+      obj, storages = _unpickle(io.BytesIO(_read_member(z, pkl[0], MAX_PICKLE_BYTES)))
+      total = sum(s.numel * s.dtype.itemsize for s in storages.values())
+      if total > MAX_FILE_BYTES:
+        raise WeightsError(f"storages of {total} bytes in all, more than {MAX_FILE_BYTES}")
       for key, s in storages.items():
-        s.data = np.frombuffer(z.read(f"{prefix}data/{key}"), s.dtype, s.numel)
-  else:
-    f = io.BytesIO(raw)
-    try:
-      magic = _plain(f)
-    except WeightsError:
-      raise
-    except Exception as e:
-      raise WeightsError(f"{path}: not a torch weights file ({e})") from None
-    if magic != _LEGACY_MAGIC:
-      raise WeightsError(f"{path}: not a torch weights file (bad magic number)")
-    _plain(f)  # protocol version
-    sys_info = _plain(f)
-    if not isinstance(sys_info, dict) or not sys_info.get("little_endian", True):
-      raise WeightsError(f"{path}: big-endian or unknown torch files are not supported")
-    obj, storages = _unpickle(f)
-    keys = _plain(f)
-    for key in keys:
-      s = storages[str(key)]
-      n = int(np.frombuffer(f.read(8), "<i8")[0])
-      s.data = np.frombuffer(f.read(n * s.dtype.itemsize), s.dtype, n)
-  if not isinstance(obj, dict):
-    raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-  return {k: v.numpy() for k, v in obj.items() if isinstance(v, _Tensor)}
+        n = s.numel * s.dtype.itemsize
+        s.data = np.frombuffer(_read_member(z, f"{prefix}data/{key}", n, n), s.dtype, s.numel)
+    return obj, storages
+  f = io.BytesIO(raw)
+  try:
+    magic = _plain(f)
+  except WeightsError:
+    raise
+  except Exception as e:
+    raise WeightsError(f"not a torch weights file ({e})") from None
+  if magic != _LEGACY_MAGIC:
+    raise WeightsError("not a torch weights file (bad magic number)")
+  _plain(f)  # protocol version
+  sys_info = _plain(f)
+  if not isinstance(sys_info, dict) or not sys_info.get("little_endian", True):
+    raise WeightsError("big-endian or unknown torch files are not supported")
+  obj, storages = _unpickle(f)
+  keys = _plain(f)
+  for key in keys:
+    s = storages[str(key)]
+    n = int(np.frombuffer(f.read(8), "<i8")[0])
+    if n != s.numel:
+      raise WeightsError(f"storage {s.key} holds {n} elements, its header says {s.numel}")
+    data = f.read(n * s.dtype.itemsize)  # numel was capped by the unpickler
+    s.data = np.frombuffer(data, s.dtype, n)
+  return obj, storages
 
 
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
@@ -358,6 +447,8 @@ def params_from_state_dict(sd: dict[str, np.ndarray], template) -> dict:
       raise WeightsError(f"unexpected tensor {k!r} in the Inception weights")
     path = tuple(parts[:-2])
     if parts[-2] == "conv":
+      if v.ndim != 4:
+        raise WeightsError(f"Inception weights: {k!r} has shape {v.shape}, not 4-d")
       flat[path + ("kernel",)] = np.transpose(v, (2, 3, 1, 0))  # OIHW -> HWIO
     else:
       flat[path + (_BN[parts[-1]],)] = v
@@ -388,16 +479,32 @@ def sha256(path: str) -> str:
   return h.hexdigest()
 
 
-def load_params(path: str, expected_sha256: str = EXPECTED_SHA256_PREFIX):
-  """Parameters from the FID weights file at ``path``, after checking its sha256 (a full
-  hash, or a prefix as in the official file name)."""
+def expected_digest(expected: str | None) -> str:
+  """The full sha256 to require for ``expected`` (``eval.inception_sha256``): 64 hex digits
+  as given, the official file's for its name prefix ``6726825d``, "" (no check) for "".
+  Any other prefix is refused: matching 8 hex digits takes minutes to forge."""
+  e = (expected or "").strip().lower()
+  if e == EXPECTED_SHA256_PREFIX:
+    return EXPECTED_SHA256
+  if e and not re.fullmatch(r"[0-9a-f]{64}", e):
+    raise ConfigError(f"eval.inception_sha256={expected!r}: give the file's full sha256 (64 hex "
+                      f"digits), e.g. {EXPECTED_SHA256} for {WEIGHTS_NAME}")
+  return e
+
+
+def load_params(path: str, expected_sha256: str = EXPECTED_SHA256):
+  """(parameters, sha256) from the FID weights file at ``path``, after checking its full
+  sha256 (see ``expected_digest``; "" skips the check, for tests and parity benchmarks).
+  The bytes hashed are the bytes parsed: the file is read once."""
   if not path or not fs.exists(path):
     raise WeightsError(f"Inception weights file {path!r} not found; get {WEIGHTS_NAME} from "
                        "https://github.com/mseitzer/pytorch-fid/releases and set "
                        "--config.eval.inception_weights=PATH")
-  digest = sha256(path)
-  if expected_sha256 and not digest.startswith(expected_sha256.lower()):
-    raise WeightsError(f"{path}: sha256 {digest} does not match the expected "
-                       f"{expected_sha256}...; FID needs the exact {WEIGHTS_NAME}")
-  template = param_shapes()
-  return params_from_state_dict(read_torch_file(path), template), digest
+  want = expected_digest(expected_sha256)
+  raw = _read_capped(path)
+  digest = hashlib.sha256(raw).hexdigest()
+  if want and digest != want:
+    raise WeightsError(f"{path}: sha256 {digest} is not the expected {want}; FID needs the "
+                       f"exact {WEIGHTS_NAME}")
+  sd = parse_torch_bytes(raw, path)
+  return params_from_state_dict(sd, param_shapes()), digest

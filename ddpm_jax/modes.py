@@ -12,7 +12,6 @@ writes the files into ``<workdir>/samples/<name>/`` (local or ``gs://``).
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -335,11 +334,10 @@ def load_masks(config, files: list[str]) -> np.ndarray:
       raise InputError(f"sampling.mask_dir: no mask named {stem}.* for input {f!r} in "
                        f"{s.mask_dir!r}")
     try:
-      with Image.open(io.BytesIO(fs.read_bytes(fs.join(s.mask_dir, cands[0])))) as im:
-        grey = im.convert("L").resize((size, size), Image.NEAREST)
+      grey = images.load_grey(fs.join(s.mask_dir, cands[0]), size)  # bombs refused there
     except Exception as e:  # noqa: BLE001
       raise InputError(f"sampling.mask_dir: cannot read {cands[0]!r} as an image ({e})") from None
-    masks.append((np.asarray(grey) >= 128).astype(np.float32))
+    masks.append((grey >= 128).astype(np.float32))
   return np.stack(masks)[..., None]
 
 

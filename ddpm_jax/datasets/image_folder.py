@@ -48,7 +48,11 @@ def content_tag(folder: str, files: list[str]) -> str:
   """A short hash of the folder's path and its files' names, sizes and modification times."""
   h = hashlib.md5(folder.encode())
   for rel in files:
-    st = os.stat(os.path.join(folder, rel))
+    try:
+      st = os.stat(os.path.join(folder, rel))
+    except OSError:  # a broken or looping link: skipped at preparation, tagged as such
+      h.update(f"\0{rel}\0unreadable".encode())
+      continue
     h.update(f"\0{rel}\0{st.st_size}\0{st.st_mtime_ns}".encode())
   return h.hexdigest()[:10]
 
@@ -70,9 +74,12 @@ def is_test(relpath: str, test_percent: float) -> bool:
 
 
 def _try_load(folder, rel, size):
+  path = os.path.join(folder, rel)
   try:
-    return rel, images.load_rgb(os.path.join(folder, rel), size), None
-  except Exception as e:  # corrupt, truncated, empty, not an image, too big
+    return rel, images.load_rgb(path, size), None
+  except Exception as e:  # corrupt, truncated, empty, not an image, too many pixels
+    if os.path.islink(path) and not os.path.exists(path):
+      return rel, None, "broken symbolic link (its target is missing, or a loop)"
     return rel, None, f"{type(e).__name__}: {e}"
 
 
