@@ -10,7 +10,7 @@ Commands (every one takes --name, --zone and optionally --project):
           is ACTIVE, install on every worker (clone --repo, a Python 3.11 venv made by uv)
   train   start ``main.py`` on every worker, detached from the ssh session (``setsid nohup``)
   watch   poll the slice and the trainers until training finished; after a preemption (queued
-          resource SUSPENDING/SUSPENDED/FAILED, node PREEMPTED/TERMINATED, or either gone)
+          resource SUSPENDING/SUSPENDED/FAILED, node PREEMPTED/TERMINATED/STOPPED/HIDDEN)
           delete the slice, create it again, reinstall and rerun the same training command,
           which resumes from the gs:// workdir's newest checkpoint
   run     up + train + watch
@@ -23,6 +23,28 @@ outside: each worker runs the trainer under a small wrapper (``~/ddpm_pod/run.sh
 records the trainer's exit status (``rc``) and whether it was signalled (a preempted VM's
 shutdown SIGTERMs every process; the trainer then saves and exits 0 too, so an exit status
 alone cannot tell a finished run from a preempted one). ``stop`` leaves ``stop_requested``.
+
+What ``watch`` takes for what (the rules, because each wrong guess costs money or a run):
+
+* Deleted, not preempted: a queued resource DELETING or gone, or a node DELETING or gone under
+  an ACTIVE queued resource, is a deletion. A preemption shows as SUSPENDING/SUSPENDED/FAILED
+  (or a PREEMPTED/TERMINATED node) first, and the runner records the deletions it does itself;
+  so a slice gone after neither (``pod delete`` or the console, by hand) ends ``watch`` with a
+  line and exit status 1 instead of being created again.
+* Recreations: at most ``--max-recreations`` (default 10) per ``watch``, failed attempts
+  included; the k-th waits ``--backoff-seconds`` * 2^(k-2) (none for the first), at most
+  ``--max-backoff-seconds``.
+* An unanswered worker: ``--max-failed-polls`` (default 10) polls in a row in which some
+  workers answer and others do not is a lost host: the slice is recreated. The same number in
+  which no worker answers is taken for a problem on this side (ssh keys, network): ``watch``
+  stops with a line and leaves the slice as it is.
+* Leaving: every exit of up/train/watch/run/stop (errors, Ctrl-C included) that leaves the
+  queued resource or its node behind prints one line saying it bills and the command that
+  deletes it. With ``--delete-when-done``, an exit for any reason (an exception, Ctrl-C) looks
+  once more and deletes a slice whose trainers all finished; one still training is left running.
+* Arguments: nothing given to the runner is read by a remote shell. ``main.py``'s arguments
+  travel inside the base64-encoded ``run.sh``, quoted once there (``shlex.join``); ``--repo``,
+  ``--ref`` and ``--python`` are each quoted once (``shlex.quote``) in the install line.
 
 Standard library only (no JAX): it runs on a laptop with the Google Cloud CLI.
 """
@@ -41,8 +63,10 @@ POD_DIR = "$HOME/ddpm_pod"  # on each worker: run.sh, pid, rc, signalled, stop_r
 REPO_DIR = "$HOME/ddpm_jax"
 STATUS_TAG = "DDPM_POD_WORKER"
 QR_WAITING = {"CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING"}
-QR_LOST = {"SUSPENDING", "SUSPENDED", "FAILED", "DELETING"}
-NODE_LOST = {"PREEMPTED", "TERMINATED", "STOPPED", "STOPPING", "DELETING", "HIDDEN", "HIDING"}
+QR_PREEMPTED = {"SUSPENDING", "SUSPENDED", "FAILED"}  # a preemption, or a failed provisioning
+NODE_PREEMPTED = {"PREEMPTED", "TERMINATED", "STOPPED", "STOPPING", "HIDDEN", "HIDING"}
+DELETED = {"DELETING", "GONE"}
+QR_LOST = QR_PREEMPTED | {"DELETING"}  # what `up` deletes before creating
 
 
 class PodError(RuntimeError):
@@ -58,6 +82,11 @@ class Pod:
 
   def __init__(self, args):
     self.a = args
+    self.deleted_by_us = False  # this runner deleted the slice (and has not made it again yet)
+    self.seen_preempted = False  # a preemption state was seen since the slice was last made
+    self.finished = False  # every trainer finished (watch saw it)
+    self.answered = 0  # workers that answered the last worker_states poll, of self.expected
+    self.expected = 1
 
   # -- gcloud ------------------------------------------------------------------------------
 
@@ -113,7 +142,15 @@ class Pod:
       words.append("--spot")
     log(f"creating queued resource {self.a.name} ({self.a.accelerator_type}, "
         f"{'spot' if self.a.spot else 'on-demand'}, {self.a.version})")
-    self.gcloud(*words)
+    try:
+      self.gcloud(*words)
+    except PodError as e:  # a reply lost or an error after the resource was made: look
+      qr = self.describe("qr")
+      if qr is None:
+        raise
+      state = (qr.get("state") or {}).get("state", "UNKNOWN")
+      log(f"{e}; but queued resource {self.a.name} exists ({state}): using it")
+    self.deleted_by_us = self.seen_preempted = False
 
   def wait_active(self) -> None:
     last, gone = None, 0
@@ -132,6 +169,7 @@ class Pod:
 
   def delete(self) -> None:
     log(f"deleting queued resource {self.a.name} and its node")
+    self.deleted_by_us = True  # before the call: a delete that fails half-way is still ours
     if self.describe("qr") is not None:
       self.gcloud("compute", "tpus", "queued-resources", "delete", self.a.name, "--force")
     if self.describe("node") is not None:  # a node made without a queued resource
@@ -139,18 +177,22 @@ class Pod:
     while self.states() != ("GONE", "GONE"):
       time.sleep(self.a.poll_seconds)
 
+  def install_command(self) -> str:
+    """The install line (bash on every worker); each value given to the runner quoted once."""
+    q, repo = shlex.quote, f'"{REPO_DIR}"'
+    ref = f" && git -C {repo} checkout -q {q(self.a.ref)}" if self.a.ref else ""
+    return (
+        f"set -e; test -d {repo}/.git || git clone -q {q(self.a.repo)} {repo}"
+        f"{ref}; cd {repo}; python3 -m pip install -q --user uv; "
+        f"test -x .venv/bin/python || python3 -m uv venv -q --python {q(self.a.python)} .venv; "
+        f"python3 -m uv pip install -q --python .venv/bin/python -r requirements-tpu.txt; "
+        f".venv/bin/python -c 'import jax; print(\"{STATUS_TAG} installed jax\", jax.__version__)'")
+
   def install(self) -> None:
     if not self.a.repo:
       raise PodError("--repo (a git URL every worker can clone) is needed to install")
-    ref = f" && git -C {REPO_DIR} checkout -q {shlex.quote(self.a.ref)}" if self.a.ref else ""
-    cmd = (
-        f"set -e; test -d {REPO_DIR}/.git || git clone -q {shlex.quote(self.a.repo)} {REPO_DIR}"
-        f"{ref}; cd {REPO_DIR}; python3 -m pip install -q --user uv; "
-        f"test -x .venv/bin/python || python3 -m uv venv -q --python {self.a.python} .venv; "
-        f"python3 -m uv pip install -q --python .venv/bin/python -r requirements-tpu.txt; "
-        f".venv/bin/python -c 'import jax; print(\"{STATUS_TAG} installed jax\", jax.__version__)'")
     log(f"installing on every worker: {self.a.repo} into ~/ddpm_jax, Python {self.a.python}")
-    self.ssh(cmd, tries=3)
+    self.ssh(self.install_command(), tries=3)
 
   def up(self) -> None:
     qr_state, _ = self.states()
@@ -177,11 +219,17 @@ class Pod:
     return args + list(self.a.main_args)
 
   def wrapper_script(self) -> str:
-    """run.sh: the trainer in the background, its pid, its exit status, outside signals."""
-    main = shlex.join([".venv/bin/python", "main.py", *self.train_args()])
+    """run.sh: the trainer in the background, its pid, its exit status, outside signals.
+
+    The training arguments appear here only, quoted once by ``shlex``; the script travels
+    base64-encoded, so no shell on the way reads them.
+    """
+    args = self.train_args()
+    main = shlex.join([".venv/bin/python", "main.py", *args])
     return f"""#!/bin/bash
 D="{POD_DIR}"
 pid=
+printf '== %s %s\\n' "$(date -u)" {shlex.quote(shlex.join(args))} >> "$D/train.log"
 trap 'touch "$D/signalled"; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' TERM INT
 cd "{REPO_DIR}" || {{ echo 127 > "$D/rc"; exit 1; }}
 {main} >> "$D/train.log" 2>&1 < /dev/null &
@@ -200,7 +248,6 @@ echo "$rc" > "$D/rc"
            f'echo "{STATUS_TAG} $(hostname) already running pid $p"; else '
            f'rm -f "$D/pid" "$D/rc" "$D/signalled" "$D/stop_requested"; '
            f'echo {script} | base64 -d > "$D/run.sh"; '
-           f'echo "== $(date -u) {shlex.join(self.train_args())}" >> "$D/train.log"; '
            f'setsid nohup bash "$D/run.sh" > "$D/wrapper.log" 2>&1 < /dev/null & '
            f'for i in $(seq 600); do [ -s "$D/pid" ] && break; sleep 0.1; done; '
            f'echo "{STATUS_TAG} $(hostname) started pid $(cat "$D/pid")"; fi')
@@ -212,7 +259,8 @@ echo "$rc" > "$D/rc"
       log(f"a trainer was already running on {', '.join(running)}: not started again there")
 
   def worker_states(self) -> list[dict] | None:
-    """Each worker's trainer: running / exited (rc) / vanished / none; None if ssh failed."""
+    """Each worker's trainer: running / exited (rc) / vanished / none; None if not every
+    worker answered. ``self.answered``: how many did (None when gcloud itself failed)."""
     cmd = (f'D="{POD_DIR}"; p=$(cat "$D/pid" 2>/dev/null); '
            f'if [ -f "$D/rc" ]; then s="exited $(cat "$D/rc")"; '
            f'elif [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then s=running; '
@@ -220,9 +268,8 @@ echo "$rc" > "$D/rc"
            f'[ -f "$D/signalled" ] && s="$s signalled"; '
            f'[ -f "$D/stop_requested" ] && s="$s stop_requested"; '
            f'echo "{STATUS_TAG} $(hostname) $s"')
+    self.answered = None
     r = self.ssh(cmd, check=False)
-    if r.returncode != 0:
-      return None
     out = []
     for line in r.stdout.splitlines():
       words = line.split()
@@ -235,8 +282,15 @@ echo "$rc" > "$D/rc"
       node = self.describe("node") or {}
     except PodError:
       return None
-    expected = len(node.get("networkEndpoints") or []) or 1
-    return out if len(out) >= expected else None
+    self.answered = len(out)
+    self.expected = len(node.get("networkEndpoints") or []) or 1
+    return out if r.returncode == 0 and len(out) >= self.expected else None
+
+  def trainers_finished(self) -> bool:
+    """Every worker's trainer exited 0, none signalled from outside, no ``stop``."""
+    workers = self.worker_states()
+    return bool(workers) and all(w["state"] == "exited" and w["rc"] == 0 and not w["signalled"]
+                                 and not w["stop"] for w in workers)
 
   def stop(self) -> None:
     cmd = (f'D="{POD_DIR}"; mkdir -p "$D"; touch "$D/stop_requested"; '
@@ -258,9 +312,37 @@ echo "$rc" > "$D/rc"
     self.install()
     self.start_training()
 
+  def lost(self, qr_state: str, node_state: str) -> str | None:
+    """"preempted", "deleted" or None (the slice is there); the module docstring's rule."""
+    if qr_state in QR_PREEMPTED or (qr_state == "ACTIVE" and node_state in NODE_PREEMPTED):
+      return "preempted"
+    if qr_state in DELETED or (qr_state == "ACTIVE" and node_state in DELETED):
+      return "deleted"
+    return None
+
+  def backoff(self, attempt: int) -> float:
+    """Seconds to wait before the attempt-th recreation of one watch: 0, b, 2b, 4b, ... <= max."""
+    if attempt <= 1:
+      return 0.0
+    return min(self.a.backoff_seconds * 2 ** (attempt - 2), self.a.max_backoff_seconds)
+
+  def recreate_once(self, attempt: int) -> bool:
+    """One recreation (after its backoff); False if it failed (the next poll decides again)."""
+    wait = self.backoff(attempt)
+    log(f"creating the slice again ({attempt}/{self.a.max_recreations})"
+        + (f" after waiting {wait:g} s" if wait else ""))
+    time.sleep(wait)
+    try:
+      self.recreate()
+      return True
+    except PodError as e:
+      log(f"creating the slice again failed: {e}")
+      time.sleep(self.a.poll_seconds)
+      return False
+
   def watch(self) -> int:
-    """Until training finished (0), was stopped (0), or failed max_restarts times (1)."""
-    restarts, unknown, failed_recreations, last = 0, 0, 0, None
+    """Until training finished (0), was stopped (0), or a give-up (1); see the module's rules."""
+    restarts, unknown, attempts, last, lost_host = 0, 0, 0, None, False
     while True:
       try:
         qr_state, node_state = self.states()
@@ -268,21 +350,26 @@ echo "$rc" > "$D/rc"
         log(f"{e}; polling again")
         time.sleep(self.a.poll_seconds)
         continue
-      if qr_state in QR_LOST or qr_state == "GONE" or (
-          qr_state == "ACTIVE" and (node_state in NODE_LOST or node_state == "GONE")):
-        log(f"slice lost (queued resource {qr_state}, node {node_state}): preempted; "
-            "deleting and creating it again, then the same training command resumes")
-        try:
-          self.recreate()
-        except PodError as e:
-          failed_recreations += 1
-          if failed_recreations > self.a.max_restarts:
-            log(f"could not create the slice again {failed_recreations} times: {e}")
-            return 1
-          log(f"creating the slice again failed ({e}); trying again")
-          time.sleep(self.a.poll_seconds)
-          continue
-        restarts, failed_recreations, last = 0, 0, None
+      lost = self.lost(qr_state, node_state)
+      if lost == "preempted":
+        self.seen_preempted = True
+      elif lost == "deleted" and not (self.deleted_by_us or self.seen_preempted):
+        log(f"queued resource {self.a.name} {qr_state}, node {node_state}: deleted, not by this "
+            "runner and not after a preemption; not creating it again (`run` with the same "
+            "arguments creates it and resumes)")
+        return 1
+      if lost or lost_host:
+        if lost:
+          log(f"slice lost (queued resource {qr_state}, node {node_state}): "
+              f"{'preempted' if self.seen_preempted else 'deleted by this runner'}; deleting and "
+              "creating it again, then the same training command resumes")
+        if attempts >= self.a.max_recreations:
+          log(f"the slice was created again {attempts} times in this watch "
+              f"(--max-recreations {self.a.max_recreations}); giving up")
+          return 1
+        attempts += 1
+        if self.recreate_once(attempts):
+          restarts, unknown, last, lost_host = 0, 0, None, False
         continue
       if qr_state != "ACTIVE" or node_state != "READY":
         log(f"queued resource {qr_state}, node {node_state}: waiting")
@@ -290,9 +377,18 @@ echo "$rc" > "$D/rc"
         continue
       workers = self.worker_states()
       if workers is None:
-        unknown += 1
+        unknown += self.answered is not None  # gcloud failing is not a worker failing
         if unknown % 5 == 1:
           log("could not read every worker's trainer state (ssh failed); polling again")
+        if unknown >= self.a.max_failed_polls and self.answered == 0:
+          log(f"no worker answered {unknown} polls in a row (ssh from here failing?); stopping "
+              "the watch, the trainers are left as they are (`watch` watches again)")
+          return 1
+        if unknown >= self.a.max_failed_polls:
+          log(f"{self.expected - self.answered} of {self.expected} workers did not answer "
+              f"{unknown} polls in a row: taken for a lost host")
+          lost_host = True
+          continue
         time.sleep(self.a.poll_seconds)
         continue
       unknown = 0
@@ -310,11 +406,9 @@ echo "$rc" > "$D/rc"
         return 0
       if all(w["state"] == "exited" and w["rc"] == 0 and not w["signalled"] for w in workers):
         log("training finished on every worker")
+        self.finished = True
         if self.a.delete_when_done:
           self.delete()
-        else:
-          log(f"the slice still exists and bills: python -m ddpm_jax.pod delete "
-              f"--name {self.a.name} --zone {self.a.zone}")
         return 0
       # Not running, not finished: a crash, a lost host, or an outside SIGTERM (maybe a
       # preemption whose state is not visible yet): look at the slice once more, then rerun.
@@ -337,6 +431,38 @@ echo "$rc" > "$D/rc"
       except PodError as e:  # the slice going away under us: the next poll sees it
         log(f"{e}; polling again")
       last = None
+
+  # -- leaving -----------------------------------------------------------------------------
+
+  def delete_hint(self, command: str) -> str:
+    """The exact command that deletes this slice (gcloud's own after our `delete` failed)."""
+    where = [f"--zone={self.a.zone}"] + ([f"--project={self.a.project}"] if self.a.project else [])
+    if command == "delete":
+      return shlex.join(["gcloud", "compute", "tpus", "queued-resources", "delete", self.a.name,
+                         "--force", *where])
+    return shlex.join(["python", "-m", "ddpm_jax.pod", "delete", f"--name={self.a.name}", *where])
+
+  def at_exit(self, command: str) -> None:
+    """Every way out (errors and Ctrl-C too): with --delete-when-done a finished slice is
+    deleted; any slice left behind gets one line saying it bills and how to delete it."""
+    hint = self.delete_hint(command)
+    try:
+      states = self.states()
+      if (self.a.delete_when_done and command in ("watch", "run") and states != ("GONE", "GONE")
+          and (self.finished or (states == ("ACTIVE", "READY") and self.trainers_finished()))):
+        log("every trainer finished: deleting the slice (--delete-when-done)")
+        self.delete()
+        states = self.states()
+    except (PodError, OSError, ValueError, KeyboardInterrupt) as e:
+      log(f"could not see whether slice {self.a.name} still exists ({type(e).__name__}: "
+          f"{e}); while it does, it bills. Delete it: {hint}")
+      return
+    if "DELETING" in states:
+      log(f"slice {self.a.name} is being deleted (queued resource {states[0]}, node "
+          f"{states[1]}); if it stays, delete it: {hint}")
+    elif states != ("GONE", "GONE"):
+      log(f"slice {self.a.name} (queued resource {states[0]}, node {states[1]}) still exists "
+          f"and bills until deleted: {hint}")
 
   def status(self) -> int:
     qr_state, node_state = self.states()
@@ -378,7 +504,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--poll-seconds", type=float, default=60.0, help="between state polls")
   p.add_argument("--max-restarts", type=int, default=3,
                  help="reruns on one slice after the trainers end without finishing")
-  p.add_argument("--delete-when-done", action="store_true", help="delete the slice at the end")
+  p.add_argument("--max-recreations", type=int, default=10,
+                 help="watch: slice recreations (failed ones too) before giving up")
+  p.add_argument("--backoff-seconds", type=float, default=60.0,
+                 help="watch: wait before the 2nd recreation, doubled for each one after")
+  p.add_argument("--max-backoff-seconds", type=float, default=1800.0,
+                 help="watch: the longest wait between recreations")
+  p.add_argument("--max-failed-polls", type=int, default=10,
+                 help="watch: polls in a row a worker may not answer (then: a lost host)")
+  p.add_argument("--delete-when-done", action="store_true",
+                 help="delete the slice once training finished, also if the runner is stopped "
+                      "(Ctrl-C, an error) after that")
   p.add_argument("--lines", type=int, default=20, help="status: lines of worker 0's log")
   a = p.parse_args(argv)
   a.main_args = main_args
@@ -388,37 +524,45 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
   a = parse(sys.argv[1:] if argv is None else argv)
   pod = Pod(a)
+  rc, leaving = 1, a.command in ("up", "train", "watch", "run", "stop", "delete")
   try:
-    if a.command == "up":
-      pod.up()
-    elif a.command == "train":
-      pod.train_args()  # checks --workdir before anything runs
-      pod.start_training()
-    elif a.command == "watch":
-      pod.train_args()
-      return pod.watch()
-    elif a.command == "run":
-      pod.train_args()
-      pod.up()
-      pod.start_training()
-      return pod.watch()
-    elif a.command == "stop":
-      pod.stop()
-    elif a.command == "delete":
-      pod.delete()
-    elif a.command == "status":
-      return pod.status()
+    rc = run_command(pod, a.command)
   except KeyboardInterrupt:
-    print("pod: interrupted; the slice and its trainers keep running (`watch` watches again)",
+    print("pod: interrupted; trainers still running keep running (`watch` watches again)",
           file=sys.stderr)
-    return 130
+    rc = 130
   except PodError as e:
     print(f"pod: error: {e}", file=sys.stderr)
-    return 1
   except FileNotFoundError:
+    leaving = False  # no gcloud: nothing to look at
     print("pod: error: gcloud not found: install the Google Cloud CLI "
           "(https://cloud.google.com/sdk/docs/install)", file=sys.stderr)
-    return 1
+  finally:  # also on an exception none of the above catches
+    if leaving:
+      pod.at_exit(a.command)
+  return rc
+
+
+def run_command(pod: Pod, command: str) -> int:
+  if command == "up":
+    pod.up()
+  elif command == "train":
+    pod.train_args()  # checks --workdir before anything runs
+    pod.start_training()
+  elif command == "watch":
+    pod.train_args()
+    return pod.watch()
+  elif command == "run":
+    pod.train_args()
+    pod.up()
+    pod.start_training()
+    return pod.watch()
+  elif command == "stop":
+    pod.stop()
+  elif command == "delete":
+    pod.delete()
+  elif command == "status":
+    return pod.status()
   return 0
 
 

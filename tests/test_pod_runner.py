@@ -91,14 +91,25 @@ while not stop and time.time() < deadline:
 sys.exit(0 if stop else %(rc)d)
 """
 
+def finished():
+  rcs = [os.path.join(home(i), "ddpm_pod", "rc") for i in range(WORKERS)]
+  return all(os.path.exists(f) and open(f).read().strip() == "0" for f in rcs)
+
 group, verb = " ".join(words[:3]), words[3]
 if group == "compute tpus queued-resources":
   if verb == "create":
-    st["gen"] += 1
-    st["qr"], st["node"], st["polls"], st["active_polls"] = "WAITING_FOR_RESOURCES", None, 0, 0
-    for i in range(WORKERS):
-      shutil.rmtree(home(i), ignore_errors=True)
-    event("create", spot="spot" in flags)
+    st["creates"] = st.get("creates", 0) + 1
+    fails = st.get("create_fails", {}).get(str(st["creates"]))  # "gone" / "exists"
+    if fails != "gone":
+      st["gen"] += 1
+      st["qr"], st["node"], st["polls"], st["active_polls"] = "WAITING_FOR_RESOURCES", None, 0, 0
+      for i in range(WORKERS):
+        shutil.rmtree(home(i), ignore_errors=True)
+    event("create", spot="spot" in flags, fails=fails)
+    if fails:
+      save()
+      sys.stderr.write("ERROR: (gcloud) INTERNAL: the reply was lost\n")
+      sys.exit(1)
   elif verb == "describe":
     if st["qr"] is None:
       not_found("queuedResource")
@@ -111,18 +122,26 @@ if group == "compute tpus queued-resources":
       st["flip_in"] -= 1
       if not st["flip_in"]:
         vm_dies()
-        st["qr"], st["node"] = "SUSPENDED", None
-    elif (st["qr"] == "ACTIVE" and st["gen"] == 1 and st["preempt"] and trainer_alive()):
+        st["qr"], st["node"] = ("SUSPENDED", None) if st["qr"] == "ACTIVE" else (None, None)
+    elif (st["qr"] == "ACTIVE" and st["gen"] in st.get("preempt_gens", [1]) and st["preempt"]
+          and trainer_alive()):
       st["active_polls"] += 1
       if st["active_polls"] >= 2:
-        vm_dies(wipe=st["preempt"] != "late")
+        vm_dies(wipe=st["preempt"] not in ("late", "deleting"))
         if st["preempt"] == "late":
           st["flip_in"] = 1
         elif st["preempt"] == "qr":
           st["qr"], st["node"] = "SUSPENDED", None
+        elif st["preempt"] == "deleted":  # `pod delete` or the console, by hand
+          st["qr"], st["node"] = None, None
+        elif st["preempt"] == "deleting":  # the same, seen while it is under way
+          st["qr"], st["node"], st["flip_in"] = "DELETING", "DELETING", 1
         else:
           st["node"] = "PREEMPTED"
         event("preempted", how=st["preempt"])
+    if st["qr"] is None:  # deleted by this very poll
+      save()
+      not_found("queuedResource")
     print(json.dumps({"name": words[4], "state": {"state": st["qr"]}}))
   elif verb == "delete":
     if st["qr"] is None:
@@ -149,24 +168,42 @@ elif group == "compute tpus tpu-vm":
             else "stop" if "stop_requested\"; p=" in cmd else "probe")
     if kind != "probe":
       event(kind, worker=flags["worker"])
-    rc = 0
+    rc, out, err = 0, [], []
+    silent = st.get("unreachable", {}).get(str(st["gen"]), [])  # workers a probe cannot reach
+    if kind == "probe" and silent and st.get("unreachable_probes", 0) > 0:
+      st["unreachable_probes"] -= 1
+    else:
+      silent = []
     for i in targets:
+      if i in silent:
+        sys.stderr.write(f"ssh: connect to host 10.0.0.{i} port 22: Connection timed out\n")
+        rc = 255
+        continue
       if kind == "install":
         venv = os.path.join(home(i), "ddpm_jax", ".venv", "bin")
         os.makedirs(venv, exist_ok=True)
         py = os.path.join(venv, "python")
         with open(py, "w") as f:
           f.write(FAKE_TRAINER % dict(log=os.path.join(D, "trainer.log"), gen=st["gen"],
-                                      **st["trainer"][str(st["gen"])]))
+                                      **st["trainer"].get(str(st["gen"]), st["trainer"].get("*"))))
         os.chmod(py, 0o755)
         print(f"DDPM_POD_WORKER installed jax 0.10.2")
         continue
       env = dict(os.environ, HOME=home(i), FAKE_HOST=f"worker-{i}")
       r = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True,
                          timeout=60)
-      sys.stdout.write(r.stdout)
-      sys.stderr.write(r.stderr)
+      out.append(r.stdout)
+      err.append(r.stderr)
       rc = max(rc, r.returncode)
+    if kind == "probe" and st.get("interrupt") and (
+        finished() if st["interrupt"] == "finished" else trainer_alive()):
+      st["interrupt"] = None  # Ctrl-C: the runner does not see this probe's answer
+      save()
+      os.kill(os.getppid(), signal.SIGINT)
+      sys.exit(255)
+    sys.stdout.write("".join(out))
+    sys.stderr.write("".join(err))
+    save()
     sys.exit(rc)
 save()
 '''
@@ -176,9 +213,15 @@ save()
 def fake_gcloud(tmp_path, monkeypatch):
   """The fake's folder; ``configure(**state)`` sets the scenario before the runner starts.
 
-  ``preempt``: None; "qr" (the queued resource goes SUSPENDED and the node disappears);
-  "node" (the node goes PREEMPTED, the queued resource stays ACTIVE); "late" (the trainers
-  get the shutdown SIGTERM, save and exit 0 while the slice still looks ACTIVE for a poll).
+  ``preempt`` (of the slices numbered in ``preempt_gens``, default [1]): None; "qr" (the
+  queued resource goes SUSPENDED and the node disappears); "node" (the node goes PREEMPTED,
+  the queued resource stays ACTIVE); "late" (the trainers get the shutdown SIGTERM, save and
+  exit 0 while the slice still looks ACTIVE for a poll); "deleted" / "deleting" (deleted by
+  hand: gone at once / DELETING for a poll, then gone). ``create_fails``: {"n": "gone" or
+  "exists"}, the n-th create fails, having made the resource or not. ``unreachable``:
+  {"gen": [workers]} that the next ``unreachable_probes`` status probes cannot reach.
+  ``interrupt``: "finished" / "running": a SIGINT to the runner at the probe that would see
+  the trainers finished / running. ``trainer``: {"gen" or "*": {"seconds", "rc"}}.
   """
   d = tmp_path / "gcloud"
   d.mkdir()
@@ -215,7 +258,8 @@ def trainer_starts(d):
   return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-COMMON = ["--name", "ddpm", "--zone", "us-central2-b", "--poll-seconds", "0"]
+COMMON = ["--name", "ddpm", "--zone", "us-central2-b", "--poll-seconds", "0",
+          "--backoff-seconds", "0"]
 TRAIN = ["--workdir", "gs://b/runs/x", "--config", "configs/tiny.py", "--",
          "--config.training.num_train_steps=10"]
 ARGV = ["--workdir=gs://b/runs/x", "--config=configs/tiny.py",
@@ -247,10 +291,13 @@ def test_run_recreates_a_preempted_slice_and_reruns_the_same_command(fake_gcloud
   assert out.index("slice lost") < out.index("training finished on every worker")
   if preempt == "late":  # the trainers saved and exited 0 on the shutdown's SIGTERM: not finished
     assert "exited 0 after a SIGTERM" in out
-  # The same training command on every worker, before and after the preemption.
+  # The same training command on every worker, before and after the preemption: each worker
+  # started once per slice, the new slice's after the old one's (the workers of one slice start
+  # concurrently, in no promised order).
   starts = trainer_starts(d)
-  assert [(s["gen"], os.path.basename(s["home"])) for s in starts] == [
+  assert sorted((s["gen"], os.path.basename(s["home"])) for s in starts) == [
       (1, "w0"), (1, "w1"), (2, "w0"), (2, "w1")]
+  assert [s["gen"] for s in starts] == sorted(s["gen"] for s in starts)
   assert all(s["argv"] == ["main.py", *ARGV] for s in starts)
   # Each worker of the new slice recorded the trainer's exit: 0, no outside signal.
   for w in ("w0", "w1"):
@@ -341,3 +388,172 @@ def test_the_runner_needs_only_the_standard_library():
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                      cwd=os.path.dirname(os.path.dirname(pod.__file__)))
   assert r.returncode == 0, r.stderr
+
+
+BILLS = ("still exists and bills until deleted: python -m ddpm_jax.pod delete --name=ddpm "
+         "--zone=us-central2-b")
+NASTY = ["--config.sampling.name=$(touch {d}/F)", "--x=`touch {d}/G`", 'a"b', "it's",
+         "two  words", "line\nbreak", "x; touch {d}/H", "${{HOME}}", "\\", "*", "--y=a'\"b"]
+
+
+def test_training_arguments_reach_every_trainer_byte_for_byte(fake_gcloud, tmp_path, capsys):
+  """No remote shell reads them: $(...), backticks, quotes, ;, newlines arrive as given."""
+  d, configure = fake_gcloud
+  configure(trainer={"1": {"seconds": 0.2, "rc": 0}})
+  nasty = [a.format(d=tmp_path) for a in NASTY]
+  rc = pod.main(["run", *COMMON, "--repo", "r", *TRAIN[:-1], *nasty])
+  assert rc == 0, capsys.readouterr().out
+  starts = trainer_starts(d)
+  assert len(starts) == 2
+  assert all(s["argv"] == ["main.py", *ARGV[:2], *nasty] for s in starts)
+  assert not any((tmp_path / f).exists() for f in "FGH")  # nothing ran on any worker
+  assert [e["event"] for e in events(d)] == ["create", "install", "train"]  # one try was enough
+
+
+def test_install_quotes_every_value_once(tmp_path):
+  """--repo, --ref and --python with shell metacharacters reach git and uv as one argument."""
+  import subprocess
+  bin_, home = tmp_path / "bin", tmp_path / "home"
+  bin_.mkdir()
+  home.mkdir()
+  stub = (f"#!{sys.executable}\nimport json, os, sys\n"
+          f"open({str(tmp_path / 'calls')!r}, 'a').write(json.dumps(sys.argv) + '\\n')\n"
+          "if 'clone' in sys.argv: os.makedirs(sys.argv[-1] + '/.git')\n"
+          "if 'venv' in sys.argv:\n"
+          "  os.makedirs('.venv/bin'); os.symlink(sys.argv[0], '.venv/bin/python')\n")
+  for name in ("git", "python3"):
+    (bin_ / name).write_text(stub)
+    (bin_ / name).chmod(0o755)
+  t = tmp_path
+  a = pod.parse(["up", "--name", "n", "--zone", "z", "--repo", f"https://x/r.git; touch {t}/F",
+                 "--ref", f"$(touch {t}/G)", "--python", f"3.11 `touch {t}/H`"])
+  r = subprocess.run(["bash", "-c", pod.Pod(a).install_command()], capture_output=True,
+                     text=True, timeout=60, env=dict(os.environ, HOME=str(home),
+                                                     PATH=f"{bin_}:/usr/bin:/bin"))
+  assert r.returncode == 0, r.stderr
+  calls = [json.loads(line)[1:] for line in (tmp_path / "calls").read_text().splitlines()]
+  assert ["clone", "-q", f"https://x/r.git; touch {t}/F", f"{home}/ddpm_jax"] in calls
+  assert ["-C", f"{home}/ddpm_jax", "checkout", "-q", f"$(touch {t}/G)"] in calls
+  assert ["-m", "uv", "venv", "-q", "--python", f"3.11 `touch {t}/H`", ".venv"] in calls
+  assert not any((t / f).exists() for f in "FGH")
+
+
+def test_a_create_that_failed_but_made_the_resource_is_used(fake_gcloud, capsys):
+  """A create whose reply is lost: the resource it made is installed and trained on."""
+  d, configure = fake_gcloud
+  configure(create_fails={"1": "exists"}, trainer={"1": {"seconds": 0.2, "rc": 0}})
+  assert pod.main(["run", *COMMON, "--repo", "r", *TRAIN]) == 0
+  out = capsys.readouterr().out
+  assert "but queued resource ddpm exists" in out and "training finished" in out
+  assert [e["event"] for e in events(d)] == ["create", "install", "train"]
+  assert out.strip().splitlines()[-1].endswith(BILLS)  # it is left, and bills: one line says so
+
+
+def test_a_create_that_failed_for_good_leaves_nothing_and_says_nothing_bills(fake_gcloud, capsys):
+  d, configure = fake_gcloud
+  configure(create_fails={"1": "gone"})
+  assert pod.main(["up", *COMMON, "--repo", "r"]) == 1
+  captured = capsys.readouterr()
+  assert "pod: error:" in captured.err and "bills" not in captured.out
+  assert [e["event"] for e in events(d)] == ["create"]
+
+
+@pytest.mark.parametrize("how", ["deleted", "deleting"])
+def test_a_slice_deleted_by_hand_ends_watch_and_is_not_recreated(fake_gcloud, capsys, how):
+  """No SUSPENDED / PREEMPTED state seen and not deleted by the runner: someone deleted it."""
+  d, configure = fake_gcloud
+  configure(preempt=how, trainer={"1": {"seconds": 60.0, "rc": 0},
+                                  "*": {"seconds": 0.2, "rc": 0}})  # were it made again
+  assert pod.main(["run", *COMMON, "--repo", "r", *TRAIN]) == 1
+  out = capsys.readouterr().out
+  assert "deleted, not by this runner and not after a preemption" in out
+  assert [e["event"] for e in events(d)] == ["create", "install", "train", "preempted"]
+  assert "bills" not in out  # nothing is left
+
+
+@pytest.mark.parametrize("cause", ["preempted", "lost host"])
+def test_a_recreation_whose_create_failed_is_tried_again(fake_gcloud, capsys, cause):
+  """The slice the runner deleted itself is gone on the next poll: made again, not 'by hand'."""
+  d, configure = fake_gcloud
+  lost = (dict(preempt="qr") if cause == "preempted"
+          else dict(unreachable={"1": [1]}, unreachable_probes=3))
+  configure(create_fails={"2": "gone"}, **lost,
+            trainer={"1": {"seconds": 60.0, "rc": 0}, "2": {"seconds": 0.2, "rc": 0}})
+  rc = pod.main(["run", *COMMON, "--repo", "r", "--max-failed-polls", "3", *TRAIN])
+  assert rc == 0, capsys.readouterr().out
+  assert [e["event"] for e in events(d)] == [
+      "create", "install", "train", *(["preempted"] if cause == "preempted" else []), "delete",
+      "create", "create", "install", "train"]
+
+
+def test_recreations_back_off_exponentially_up_to_a_cap_then_give_up(fake_gcloud, capsys):
+  d, configure = fake_gcloud
+  configure(preempt="node", preempt_gens=[1, 2, 3, 4],
+            trainer={"*": {"seconds": 60.0, "rc": 0}, "5": {"seconds": 0.2, "rc": 0}})
+  rc = pod.main(["run", *COMMON, "--repo", "r", "--max-recreations", "3", "--backoff-seconds",
+                 "0.01", "--max-backoff-seconds", "0.015", *TRAIN])
+  out = capsys.readouterr().out
+  assert rc == 1
+  assert [e["event"] for e in events(d)].count("create") == 4  # the first, then 3 more
+  assert "creating the slice again (1/3)\n" in out  # the first at once,
+  assert "creating the slice again (2/3) after waiting 0.01 s" in out  # then doubling
+  assert "creating the slice again (3/3) after waiting 0.015 s" in out  # up to the cap
+  assert "(--max-recreations 3); giving up" in out
+  assert out.strip().splitlines()[-1].endswith(BILLS)  # the preempted one is still there
+  assert "delete" not in [e["event"] for e in events(d)][-3:]
+
+
+def test_a_worker_that_stops_answering_is_taken_for_a_lost_host(fake_gcloud, capsys):
+  d, configure = fake_gcloud
+  configure(unreachable={"1": [1]}, unreachable_probes=8,
+            trainer={"1": {"seconds": 0.3, "rc": 0}, "2": {"seconds": 0.2, "rc": 0}})
+  rc = pod.main(["run", *COMMON, "--repo", "r", "--max-failed-polls", "3", *TRAIN])
+  out = capsys.readouterr().out
+  assert rc == 0, out
+  assert "1 of 2 workers did not answer 3 polls in a row: taken for a lost host" in out
+  assert [e["event"] for e in events(d)] == [
+      "create", "install", "train", "delete", "create", "install", "train"]
+
+
+def test_no_worker_answering_stops_watch_and_leaves_the_slice(fake_gcloud, capsys):
+  """Every worker silent is more likely ssh from here failing: no recreation, one line."""
+  d, configure = fake_gcloud
+  configure(unreachable={"1": [0, 1]}, unreachable_probes=8,
+            trainer={"1": {"seconds": 0.3, "rc": 0}})
+  rc = pod.main(["run", *COMMON, "--repo", "r", "--max-failed-polls", "3", *TRAIN])
+  out = capsys.readouterr().out
+  assert rc == 1
+  assert "no worker answered 3 polls in a row" in out
+  assert out.strip().splitlines()[-1].endswith(BILLS)
+  assert [e["event"] for e in events(d)] == ["create", "install", "train"]
+
+
+def test_the_trainers_giving_up_says_the_slice_bills(fake_gcloud, capsys):
+  d, configure = fake_gcloud
+  configure(trainer={"1": {"seconds": 0.0, "rc": 3}})
+  assert pod.main(["run", *COMMON, "--max-restarts", "0", "--repo", "r", *TRAIN]) == 1
+  out = capsys.readouterr().out
+  assert "giving up" in out and out.strip().splitlines()[-1].endswith(BILLS)
+  assert "delete" not in [e["event"] for e in events(d)]
+
+
+@pytest.mark.parametrize("when", ["finished", "running"])
+def test_ctrl_c_with_delete_when_done_deletes_only_a_finished_slice(fake_gcloud, when):
+  """A runner stopped after the trainers finished (before it saw it) still deletes the slice;
+  one stopped while they train leaves them training and says the slice bills."""
+  import subprocess
+  d, configure = fake_gcloud
+  configure(interrupt=when, trainer={"1": {"seconds": 0.3 if when == "finished" else 60.0,
+                                           "rc": 0}})
+  r = subprocess.run([sys.executable, "-m", "ddpm_jax.pod", "run", *COMMON, "--repo", "r",
+                      "--delete-when-done", *TRAIN], capture_output=True, text=True, timeout=120,
+                     cwd=os.path.dirname(os.path.dirname(pod.__file__)))
+  assert r.returncode == 130, r.stdout + r.stderr
+  assert "interrupted" in r.stderr and "Traceback" not in r.stderr
+  kinds = [e["event"] for e in events(d)]
+  if when == "finished":
+    assert kinds == ["create", "install", "train", "delete"]
+    assert "deleting the slice (--delete-when-done)" in r.stdout and "bills" not in r.stdout
+  else:
+    assert kinds == ["create", "install", "train"]
+    assert r.stdout.strip().splitlines()[-1].endswith(BILLS)
