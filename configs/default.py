@@ -77,10 +77,13 @@ def get_config():
   training.seed = 0
   training.ema_decay = 0.9999  # maximum EMA decay
   training.ema_warmup = True  # decay = min(ema_decay, (1 + step) / (10 + step))
-  training.log_every_steps = 100
+  training.log_every_steps = 100  # >= 1
+  # >= 1; set it to num_train_steps to save only at the end (and every checkpoint_every_minutes)
   training.checkpoint_every_steps = 5000
   training.checkpoint_every_minutes = 30.0  # also save at least this often (0 = never)
-  training.keep_checkpoints = 3  # most recent checkpoints kept
+  # The newest N checkpoints are kept, older ones deleted; 0 = keep every checkpoint (nothing
+  # is ever deleted), like the other 0 = "off" settings here. Negative values are refused.
+  training.keep_checkpoints = 3
   # Also keep every checkpoint whose step is a multiple of this (0 = none), forever: a run
   # that degrades without going NaN (a slow loss blow-up) would otherwise keep only its last
   # keep_checkpoints, all of them bad. Each kept one costs params + EMA + Adam moments on disk.

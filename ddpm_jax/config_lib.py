@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 from ddpm_jax import diffusion, sampling
 from ddpm_jax.errors import ConfigError
@@ -61,7 +62,7 @@ def check_batch_size(value: int, num_devices: int, what: str) -> int:
 def validate(config, num_devices: int = 1, training: bool = True) -> None:
   """Raises ConfigError for the first problem found in ``config``; ``training=False`` (the
   generation and eval modes) skips what only training uses (its batch on these devices)."""
-  d, m, t, s, o = config.data, config.model, config.training, config.sampling, config.optim
+  d, m, s, o = config.data, config.model, config.sampling, config.optim
   levels = len(m.ch_mult)
   if levels < 1:
     raise ConfigError("model.ch_mult must have at least one level")
@@ -93,13 +94,7 @@ def validate(config, num_devices: int = 1, training: bool = True) -> None:
   except ValueError as e:
     raise ConfigError(f"diffusion.num_timesteps={config.diffusion.num_timesteps}: {e}") from None
   if training:
-    check_batch_size(t.batch_size, num_devices, "training.batch_size")
-    if t.steps_per_dispatch < 1:
-      raise ConfigError("training.steps_per_dispatch must be >= 1")
-    for name in ("checkpoint_every_steps", "num_train_steps"):
-      if t[name] % t.steps_per_dispatch:
-        raise ConfigError(f"training.{name}={t[name]} must be a multiple of "
-                          f"training.steps_per_dispatch={t.steps_per_dispatch}")
+    _validate_training(config, num_devices)
   check_batch_size(s.batch_size, num_devices, "sampling.batch_size")
   if o.optimizer not in ("adam", "adamw"):
     raise ConfigError(f"optim.optimizer={o.optimizer!r}: use 'adam' or 'adamw'")
@@ -118,6 +113,60 @@ def validate(config, num_devices: int = 1, training: bool = True) -> None:
   if s.ddpm_variance not in ("small", "large"):
     raise ConfigError(f"sampling.ddpm_variance={s.ddpm_variance!r}: use 'small' or 'large'")
   _validate_generation(config)
+
+
+# Training counts: (field, least value, what the value means). A count of 0 is "off" only
+# where the loop reads it so (``train._SideWork``, ``keep_period``, ``keep_checkpoints``);
+# ``log_every_steps`` and ``checkpoint_every_steps`` divide the step (0 is refused: a run
+# that saves only at its end sets ``checkpoint_every_steps`` to ``num_train_steps``).
+_TRAINING_COUNTS = (
+    ("num_train_steps", 1, "the step the run ends at"),
+    ("steps_per_dispatch", 1, "train steps per device call"),
+    ("log_every_steps", 1, "a metrics line every N steps; N = num_train_steps logs only the "
+                           "last step"),
+    ("checkpoint_every_steps", 1, "a checkpoint every N steps; N = num_train_steps saves only "
+                                  "at the end (and every checkpoint_every_minutes)"),
+    ("keep_checkpoints", 0, "the newest N checkpoints are kept; 0 keeps every one"),
+    ("keep_period", 0, "0 = none"),
+    ("sample_every_steps", 0, "0 = never"),
+    ("eval_every_steps", 0, "0 = never"),
+    ("max_bad_steps", 1, "consecutive non-finite steps before stopping"),
+)
+
+
+def _validate_training(config, num_devices: int) -> None:
+  """What only training reads: counts, the optimizer's numbers, the batch on these devices.
+  Runs before any data preparation or compilation, so a bad value costs nothing."""
+  t = config.training
+  check_batch_size(t.batch_size, num_devices, "training.batch_size")
+  for name, least, meaning in _TRAINING_COUNTS:
+    value = setting(config, f"training.{name}")
+    if value < least:
+      raise ConfigError(f"training.{name}={value} must be >= {least} ({meaning})")
+  for name in ("checkpoint_every_steps", "num_train_steps"):
+    if t[name] % t.steps_per_dispatch:
+      raise ConfigError(f"training.{name}={t[name]} must be a multiple of "
+                        f"training.steps_per_dispatch={t.steps_per_dispatch}")
+  _check_number(config, "optim.learning_rate", lambda v: v > 0, "> 0 (the peak learning rate)")
+  _check_number(config, "optim.warmup_steps", lambda v: v >= 0, ">= 0 (0: no warmup)")
+  _check_number(config, "optim.weight_decay", lambda v: v >= 0, ">= 0")
+  _check_number(config, "optim.b1", lambda v: 0 <= v < 1, "in [0, 1)")
+  _check_number(config, "optim.b2", lambda v: 0 <= v < 1, "in [0, 1)")
+  _check_number(config, "optim.eps", lambda v: v > 0, "> 0")
+  if config.optim.grad_clip_norm is not None:
+    _check_number(config, "optim.grad_clip_norm", lambda v: v >= 0, ">= 0 (0 or None: no clipping)")
+  _check_number(config, "training.ema_decay", lambda v: 0 <= v <= 1, "in [0, 1]")
+  _check_number(config, "training.checkpoint_every_minutes", lambda v: v >= 0, ">= 0 (0 = never)")
+
+
+def _check_number(config, path: str, ok, rule: str) -> None:
+  """ConfigError unless the field at ``path`` is a finite number for which ``ok`` holds
+  (NaN fails every comparison, so it is named apart: "nan must be > 0" reads oddly)."""
+  value = setting(config, path)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ConfigError(f"{path}={value!r} must be a finite number {rule}")
+  if not ok(value):
+    raise ConfigError(f"{path}={value!r} must be {rule}")
 
 
 def _validate_generation(config) -> None:

@@ -164,7 +164,9 @@ def reference_features(config, extractor, ref_u8: np.ndarray) -> np.ndarray:
   key = hashlib.sha1(ident.encode()).hexdigest()[:16]
   path = fs.join(_cache_dir(config), f"{extractor.name}_{len(ref_u8)}_{key}.npz")
   if fs.exists(path):
-    return fs.load_npz(path)["features"]
+    cached = _read_cached_features(path, len(ref_u8))
+    if cached is not None:
+      return cached
   feats = extractor(ref_u8)
   if parallel.is_main():
     try:
@@ -172,6 +174,21 @@ def reference_features(config, extractor, ref_u8: np.ndarray) -> np.ndarray:
     except OSError as e:  # a read-only data_dir: recompute next time
       logging.warning("could not cache reference features in %s: %s", path, e)
   return feats
+
+
+def _read_cached_features(path: str, n: int) -> np.ndarray | None:
+  """The cached (n, d) features at ``path``, or None (with a warning) when the file does not
+  read as such: a torn write, a disk error, another program's file. The cache only saves
+  time, so a bad one is computed again and overwritten, never an error for every eval."""
+  try:
+    feats = fs.load_npz(path)["features"]
+    if feats.ndim != 2 or len(feats) != n or not np.isfinite(feats).all():
+      raise ValueError(f"features of shape {feats.shape}, not ({n}, d) finite numbers")
+    return feats
+  except Exception as e:  # noqa: BLE001 (zip, zlib, pickle-refusal, key and shape errors alike)
+    logging.warning("the reference feature cache %s is unreadable (%s: %s): computing the "
+                    "features again", path, type(e).__name__, str(e)[:200])
+    return None
 
 
 @dataclasses.dataclass

@@ -4,10 +4,13 @@ through ``ddpm_jax.fs`` (local or ``gs://``)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
 import uuid
+
+from absl import logging
 
 from ddpm_jax import fs
 
@@ -101,9 +104,12 @@ class MetricWriter:
 
   def drop_after(self, step: int) -> None:
     """Removes ``metrics.jsonl`` lines of steps after ``step`` (a resumed run logs them again),
-    so that every step's line is there exactly once after any interruption."""
+    so that every step's line is there exactly once after any interruption. A line that is
+    not ours (not a JSON object with a numeric step: an edit, a crash's garbage) is dropped
+    with a warning, as a torn last line is: it never blocks a restart, and what is left reads
+    line by line."""
     if self.enabled:
-      self._jsonl.keep_lines(lambda line: json.loads(line).get("step", 0) <= step)
+      self._jsonl.keep_lines(lambda line: _logged_step(line, self._jsonl.path) <= step)
 
   def _maybe_flush(self):
     if not self._remote or time.time() - self._flushed > self._flush_every_s:
@@ -119,3 +125,16 @@ class MetricWriter:
 
   def close(self):
     self.flush()
+
+
+def _logged_step(line: bytes, path: str) -> float:
+  """The step of a ``metrics.jsonl`` line; +inf (dropped) with a warning for a foreign one."""
+  try:
+    record = json.loads(line)
+  except ValueError:  # not JSON (UnicodeDecodeError is a ValueError too)
+    record = None
+  step = record.get("step") if isinstance(record, dict) else None
+  if isinstance(step, bool) or not isinstance(step, (int, float)) or step != step:
+    logging.warning("%s: dropped a line that is not a metrics record: %.80r", path, line)
+    return math.inf
+  return step

@@ -185,6 +185,42 @@ def test_random_conv_extractor_is_fixed_and_tells_data_from_noise(config):
   assert real["precision"] > 0.5 and fake["precision"] < 0.1, (real, fake)
 
 
+def _corrupt_npz(path, how: str) -> None:
+  data = open(path, "rb").read()
+  if how == "truncated":  # a torn write: the zip's directory is missing
+    open(path, "wb").write(data[:len(data) // 2])
+  elif how == "garbage":  # not a zip at all (np.load would try it as a pickle)
+    open(path, "wb").write(b"\x80\x04 not an npz file" * 20)
+  elif how == "no_features":
+    np.savez(open(path, "wb"), other=np.zeros(3))
+  elif how == "wrong_shape":  # another N's or another extractor's features
+    np.savez(open(path, "wb"), features=np.zeros((3, 7), np.float32))
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "no_features", "wrong_shape"])
+def test_a_corrupt_reference_feature_cache_is_rebuilt_with_one_warning(tmp_path, how, caplog):
+  """The cache in <data_dir>/ddpm_jax_stats only saves time: a file that does not read as
+  this reference's features (torn, foreign, another shape) used to break every eval; now
+  it is computed again, with one warning, and the rewritten cache reads back."""
+  from tests.conftest import tiny_config
+  config = tiny_config(**{"data.data_dir": str(tmp_path)})
+  ext = features.random_conv(batch_size=16)
+  ref_u8 = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+  want = evaluate.reference_features(config, ext, ref_u8)
+  [name] = os.listdir(tmp_path / "ddpm_jax_stats")
+  path = tmp_path / "ddpm_jax_stats" / name
+  _corrupt_npz(path, how)
+  with caplog.at_level("WARNING"):
+    got = evaluate.reference_features(config, ext, ref_u8)
+  np.testing.assert_array_equal(got, want)
+  warned = [r for r in caplog.records if "feature cache" in r.getMessage()]
+  assert len(warned) == 1 and name in warned[0].getMessage()
+  np.testing.assert_array_equal(np.load(path)["features"], want)  # rewritten, readable
+  caplog.clear()
+  np.testing.assert_array_equal(evaluate.reference_features(config, ext, ref_u8), want)
+  assert not [r for r in caplog.records if "feature cache" in r.getMessage()]
+
+
 def _torch_named(params):
   """Our Inception params -> pytorch-fid's state dict names and layouts (inverse mapping)."""
   sd = OrderedDict()

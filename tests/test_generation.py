@@ -565,3 +565,61 @@ def test_masks_built_in_and_from_files(tmp_path):
   (tmp_path / "bad.png").write_text("not an image")
   with pytest.raises(InputError, match="cannot read .*bad.png"):
     modes.load_inputs([str(tmp_path / "bad.png")], 8)
+
+
+def test_load_params_gives_the_ema_or_the_raw_parameters_as_sampling_use_ema_says(conditional):
+  """After 300 steps at ema_decay 0.99 the EMA and the raw parameters of the checkpoint
+  differ; ``load_params`` returns exactly the EMA ones with ``sampling.use_ema`` and the raw
+  ones without (checked against the checkpoint restored directly), for every mode and eval."""
+  from ddpm_jax import checkpoint as ckpt_lib
+  from tests import cli
+  config, workdir = conditional
+  config = config.copy_and_resolve_references()
+  step, state = cli.final_state(workdir, config)
+  gap = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.params),
+                                                        jax.tree.leaves(state.ema_params)))
+  assert gap > 1e-3, gap  # the two are told apart
+  for use_ema, want in ((True, state.ema_params), (False, state.params)):
+    config.sampling.use_ema = use_ema
+    params, got_step = ckpt_lib.load_params(config, workdir)
+    assert got_step == step == STEPS
+    cli.assert_same_state(params, want)
+
+
+def test_img2img_at_a_small_strength_stays_within_that_levels_noise_of_the_input(conditional,
+                                                                                tmp_path):
+  """SDEdit from t = strength * T: x_t = sqrt(ab) x0 + sqrt(1 - ab) eps, and one DDIM step
+  (what 20 steps over T = 100 give at t = 1) returns clip((x_t - sqrt(1 - ab) eps_hat) /
+  sqrt(ab)) = clip(x0 + sqrt((1 - ab) / ab) (eps - eps_hat)). Clipping to [-1, 1] only moves
+  it towards x0, so RMS(result - x0) <= sqrt((1 - ab) / ab) (RMS(eps) + RMS(eps_hat)) <=
+  3 sqrt((1 - ab) / ab) for a network whose eps estimates have an RMS under 2. Inputs noised
+  to T-1 whatever the strength would give a result about as far from them as noise is;
+  strength 1 (a sample: the input is 0.6% of x_T) lies beyond the bound too."""
+  from ddpm_jax import datasets, images, modes
+  config, workdir = conditional
+  config = config.copy_and_resolve_references()
+  config.sampling.guidance_scale = 1.0  # the conditional branch: eps_hat of the trained net
+  config.sampling.num_frames = 0
+  src = datasets.get_source(config, config.data.eval_split)
+  inputs = tmp_path / "held_out"
+  inputs.mkdir()
+  for i in range(8):
+    Image.fromarray(src.example(i)[0]).save(inputs / f"im{i}.png")
+  config.sampling.inputs = str(inputs)
+  schedule = diffusion.make_schedule("linear", config.diffusion.num_timesteps)
+
+  def distance(strength):
+    config.sampling.strength = strength
+    out = modes.img2img_and_save(config, workdir)
+    d = np.load(os.path.join(out, "img2img.npz"))
+    used = json.load(open(os.path.join(out, "sampling.json")))
+    rms = float(np.sqrt(np.mean((d["samples"] - images.to_float(d["inputs"])) ** 2)))
+    return used["t_start"], used["num_steps"], rms
+
+  t, steps, small = distance(0.02)
+  assert (t, steps) == (1, 1)  # the one-step case of the bound
+  ab = float(schedule.alphas_cumprod[t])
+  bound = 3 * np.sqrt((1 - ab) / ab)  # 0.19 here (ab = 0.996); 0.057 seen
+  assert small < bound, (small, bound)
+  t, _, large = distance(1.0)
+  assert t == 99 and large > bound, (large, bound)  # 0.75 seen

@@ -126,6 +126,16 @@ def test_invalid_config_is_one_clear_line(tmp_path, data_dir):
   assert "error: data.image_size=12 must be divisible by" in proc.stderr
 
 
+def test_a_run_of_no_steps_is_refused_with_one_line_before_any_work(tmp_path, data_dir):
+  """num_train_steps=0 used to prepare, compile and exit 0 having done nothing: now a
+  non-zero exit, the one line naming the field, and nothing written to the workdir."""
+  proc = run_main(*tiny_flags(data_dir, "--config.training.num_train_steps=0"),
+                  "--workdir", str(tmp_path / "w"), cwd=tmp_path, check=False)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr
+  assert "error: training.num_train_steps=0 must be >= 1" in proc.stderr, proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_incompatible_checkpoint_config_is_refused(tmp_path, data_dir):
   w = str(tmp_path / "w")
   run_main(*tiny_flags(data_dir, "--config.training.num_train_steps=2"), "--workdir", w,
