@@ -128,7 +128,7 @@ def is_corrupt(e: BaseException) -> bool:
   return isinstance(e, ValueError) and text.startswith(_BAD_BYTES)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
   text = str(e).strip()
   return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
@@ -198,9 +198,9 @@ def _attempt(manager, step: int, template, parts, retries: int) -> _Outcome:
       return _Outcome("ok", state=state)
     except Exception as e:  # noqa: BLE001  (classified: only bad bytes cost a checkpoint)
       if "Structure mismatch" in str(e):
-        return _Outcome("incompatible", _first_line(e))
+        return _Outcome("incompatible", first_line(e))
       if attempt == retries:
-        return _Outcome("corrupt" if is_corrupt(e) else "error", _first_line(e))
+        return _Outcome("corrupt" if is_corrupt(e) else "error", first_line(e))
       time.sleep(min(2.0 * (attempt + 1), 10.0))
       manager.reload()
   raise AssertionError("unreachable")
@@ -333,7 +333,7 @@ def newest_config(manager: ocp.CheckpointManager, workdir: str):
     except Exception as e:  # noqa: BLE001
       logging.warning("the config of checkpoint %d cannot be read (%s); trying older ones",
                       step, type(e).__name__)
-      errors.append(f"{step}: {_first_line(e)}")
+      errors.append(f"{step}: {first_line(e)}")
   if steps:
     raise UserError(f"the config of no checkpoint in {checkpoint_dir(workdir)!r} can be read "
                     f"({'; '.join(errors)[:400]}): check access to the workdir; a damaged "

@@ -33,6 +33,10 @@ class DivergenceError(UserError, RuntimeError):
   """Training produced non-finite steps ``training.max_bad_steps`` times in a row."""
 
 
+class StoreUnavailable(UserError, OSError):
+  """The workdir's store (a bucket) did not answer for longer than the trainer waits."""
+
+
 class StoppedEarly(BaseException):
   """A stop signal during start-up: nothing new to save; ``main.py`` exits 0 with its message.
 

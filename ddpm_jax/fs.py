@@ -172,6 +172,29 @@ def move(src, dst) -> None:
   path(src).rmtree()
 
 
+_TRANSIENT_NAMES = {"ServerDisconnectedError", "ClientConnectorError", "ClientOSError",
+                    "ServerTimeoutError", "ClientPayloadError", "ServiceUnavailable",
+                    "GatewayTimeout", "InternalServerError", "TooManyRequests", "RetryError",
+                    "TransportError", "ConnectionError", "ReadTimeout", "ConnectTimeout"}
+
+
+def is_transient(e: BaseException) -> bool:
+  """True if ``e`` (or an exception it was raised from) says the store did not answer (a
+  dropped connection, a time-out, a 5xx or 429), which a later try may not meet; False for
+  answers that will not change (missing objects, permissions, bad data)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, (FileNotFoundError, PermissionError)):
+      return False
+    if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in _TRANSIENT_NAMES:
+      return True
+    if str(e).lstrip().startswith(("UNAVAILABLE", "DEADLINE_EXCEEDED")):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
 class GrowingFile:
   """A log file that only grows (``metrics.jsonl``, TensorBoard events).
 
@@ -198,9 +221,10 @@ class GrowingFile:
   def flush(self) -> None:
     if not self._pending:
       return
-    if self._remote:
-      self._content += self._pending
-      path(self.path).write_bytes(bytes(self._content))
+    if self._remote:  # the content grows only once the upload went through
+      content = self._content + self._pending
+      path(self.path).write_bytes(bytes(content))
+      self._content = content
     else:
       with open(self.path, "ab") as f:
         f.write(self._pending)

@@ -8,6 +8,7 @@ resumed run draws what an uninterrupted one would.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -35,7 +36,7 @@ from ddpm_jax import (
 )
 from ddpm_jax import lock as lock_lib
 from ddpm_jax import state as state_lib
-from ddpm_jax.errors import ConfigError, DivergenceError, WorkdirLocked
+from ddpm_jax.errors import ConfigError, DivergenceError, StoreUnavailable, WorkdirLocked
 from ddpm_jax.state import TrainState
 
 __all__ = ["TrainState", "DivergenceError", "make_train_step", "make_p_train_step",
@@ -283,16 +284,62 @@ def _train(config, workdir, mngr, lock, stop, is_main, objective):
              _SideWork(config, model, schedule, source))
   try:
     agreed = run.loop()
-  finally:
-    mngr.wait_until_finished()
-    batches.close()
-    run.bar.close()
-    writer.close()
+  except BaseException:
+    _close_quietly(mngr, batches, run.bar, writer)  # the first error is the one to tell
+    raise
+  run.with_store_retries("finish writing the last checkpoint", mngr.wait_until_finished)
+  batches.close()
+  run.bar.close()
+  run.with_store_retries("write the logs", writer.close)
   if agreed.stop:
     who = stop.signal or "a stop signal to another process of this job"
     logging.warning("stopped by %s at step %d (checkpoint saved); the same command resumes",
                     who, run.step)
   return parallel.unreplicate(run.state_r)
+
+
+def _close_quietly(mngr, batches, bar, writer) -> None:
+  """Cleans up after an error without raising another one in its place."""
+  for what, fn in (("the checkpoint being written", mngr.wait_until_finished),
+                   ("the input pipeline", batches.close), ("the progress bar", bar.close),
+                   ("the logs", writer.close)):
+    try:
+      fn()
+    except Exception as e:  # noqa: BLE001
+      logging.warning("while stopping: could not finish %s (%s)", what, type(e).__name__)
+
+
+# How long a trainer waits for a store that does not answer (seconds, over every try of one
+# save, beyond the clients' own retries); several processes do not retry (a save is a
+# collective): they stop with the same line.
+STORE_RETRY_S = float(os.environ.get("DDPM_JAX_STORE_RETRY_S", 300))
+
+
+def with_store_retries(what: str, fn, workdir: str, latest_step: Callable[[], int | None],
+                       retry_s: float | None = None):
+  """``fn()``, tried again with backoff (5 s doubling to 60 s) while the store does not
+  answer (``fs.is_transient``), on one process up to ``retry_s`` (default STORE_RETRY_S);
+  then StoreUnavailable: one line naming the newest checkpoint and how to resume."""
+  retry_s = STORE_RETRY_S if retry_s is None else retry_s
+  start, delay = time.monotonic(), 5.0
+  while True:
+    try:
+      return fn()
+    except Exception as e:
+      if not fs.is_transient(e):
+        raise
+      waited = time.monotonic() - start
+      if jax.process_count() > 1 or waited + delay > retry_s:
+        latest = latest_step()
+        raise StoreUnavailable(
+            f"could not {what} in {workdir} ({ckpt_lib.first_line(e)}), for {waited:.0f} s "
+            f"after the storage client's own retries: the newest checkpoint is "
+            f"{'step ' + str(latest) if latest is not None else 'none yet'}; rerun the same "
+            f"command to resume once the store answers") from None
+      logging.warning("could not %s (%s); trying again in %.0f s", what,
+                      ckpt_lib.first_line(e), delay)
+      time.sleep(delay)
+      delay = min(2 * delay, 60.0)
 
 
 def _keep_old_metrics(workdir: str) -> None:
@@ -433,9 +480,14 @@ class _Run:
     if not all(np.isfinite(x).all() for x in jax.tree.leaves(host.params)):
       logging.error("parameters at step %d are not finite: not saved", self.step)
       return
-    ckpt_lib.save(self.mngr, self.step, host, self.config, force=True)
+    self.with_store_retries(f"save checkpoint {self.step}", lambda: ckpt_lib.save(
+        self.mngr, self.step, host, self.config, force=True))
     self.last_save_step, self.last_save_time = self.step, time.time()
-    self.writer.flush()  # remote logs: lines before a checkpoint are never lost
+    # remote logs: lines before a checkpoint are never lost
+    self.with_store_retries("write the logs", lambda: self.writer.flush(strict=True))
+
+  def with_store_retries(self, what: str, fn):
+    return with_store_retries(what, fn, self.workdir, self.mngr.latest_step)
 
   def abort_if_asked(self, agreed: parallel.Agreed) -> None:
     if agreed.abort:  # on every process at the same step, before anything is written

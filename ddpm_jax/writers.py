@@ -115,16 +115,25 @@ class MetricWriter:
     if not self._remote or time.time() - self._flushed > self._flush_every_s:
       self.flush()
 
-  def flush(self):
+  def flush(self, strict: bool = False):
+    """Writes what is pending. On a store that does not answer, the lines stay pending for
+    the next flush (a warning), unless ``strict`` (before a checkpoint: the caller retries)."""
     if self.enabled:
       if self.before_write is not None:
         self.before_write()
-      self._tb.flush()
-      self._jsonl.flush()
+      try:
+        self._tb.flush()
+        self._jsonl.flush()
+      except Exception as e:
+        if strict or not self._remote or not fs.is_transient(e):
+          raise
+        logging.warning("could not write the logs to the store (%s); they are kept and "
+                        "written at the next flush", type(e).__name__)
+        return
       self._flushed = time.time()
 
   def close(self):
-    self.flush()
+    self.flush(strict=True)
 
 
 def _logged_step(line: bytes, path: str) -> float:
