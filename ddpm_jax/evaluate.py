@@ -429,8 +429,16 @@ def evaluate(config, workdir: str) -> list[dict]:
         report["sampler"] = (f"{s.sampler}, {s.num_steps} steps, eta {s.eta}, seed {s.seed}"
                              if s.sampler != "ddpm" else
                              f"ddpm, {schedule.num_timesteps} steps")
+        sample_labels = None
+        if cond:  # conditioned as the held-out images are (unlabelled samples of a
+          # conditional model were one null label twice through guidance)
+          sample_labels = np.resize(np.concatenate([np.asarray(y) for y in val_loss.labels]),
+                                    ev.num_samples)
+          report["sample_labels"] = (f"the held-out images' labels in turn, guidance scale "
+                                     f"{s.guidance_scale}")
         samples_u8 = images.to_uint8(generate.generate(config, sampler, params, ev.num_samples,
-                                                       desc="eval samples")[0])
+                                                       desc="eval samples",
+                                                       labels=sample_labels)[0])
         sample_report, nearest = sample_metrics(config, samples_u8, ref)
         report.update(sample_report)
       if parallel.is_main():

@@ -303,7 +303,7 @@ def test_a_bucket_outage_is_waited_out_and_a_long_one_is_one_line(tmp_path, gcs,
                           "--config.training.keep_checkpoints=0",
                           "--workdir", "gs://bkt/outage")
     job = cli.main_py(*args, cwd=tmp_path, extra_env=env)
-    job.wait_for(r"train: step 1/")
+    job.wait_for(r"train: step 1/", timeout=900)
     proxy.set_down(True)
     time.sleep(75)
     proxy.set_down(False)

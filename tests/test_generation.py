@@ -623,3 +623,29 @@ def test_img2img_at_a_small_strength_stays_within_that_levels_noise_of_the_input
   assert small < bound, (small, bound)
   t, _, large = distance(1.0)
   assert t == 99 and large > bound, (large, bound)  # 0.75 seen
+
+
+def test_eval_samples_of_a_conditional_model_carry_the_held_out_labels(conditional,
+                                                                       monkeypatch):
+  """Eval samples a conditional model as the held-out images are labelled; unlabelled, every
+  sample was the null label twice through guidance (both halves of the doubled batch the
+  same), so the guided samples showed each class at chance."""
+  from ddpm_jax import datasets, evaluate
+  config, workdir = conditional
+  config = config.copy_and_resolve_references()
+  config.sampling.guidance_scale = 3.0
+  config.eval.num_samples = 48
+  config.eval.num_reference = 48
+  config.eval.name = "labels"
+  seen = []
+  real = evaluate.sample_metrics
+  monkeypatch.setattr(evaluate, "sample_metrics",
+                      lambda c, s, ref: (seen.append(s), real(c, s, ref))[1])
+  report = evaluate.evaluate(config, workdir)[0]
+  assert report["sample_labels"].startswith("the held-out images' labels in turn")
+  src = datasets.get_source(config, config.data.eval_split, with_labels=True)
+  n = min(config.eval.num_examples, len(src))
+  held_out = np.array([src.example(i)[1] for i in range(n)])
+  wanted = np.resize(held_out, 48)
+  acc = float((hair_classifier(config)(seen[0]) == wanted).mean())
+  assert acc > 0.6, acc  # chance: 1/3
