@@ -101,7 +101,11 @@ def main(argv):
   except UserError as e:
     _exit(f"error: {e}", multi=jax.process_count() > 1, together=True)
   except StoppedEarly as e:
-    _exit(f"warning: {e}", multi=jax.process_count() > 1, status=0, together=True)
+    # Mid-way through start-up (TensorFlow half imported, compiles, data threads) interpreter
+    # shutdown took 5-20 s and crashed (exit 139); before the first step nothing is being
+    # saved and the lock is released, so leave at once.
+    _exit(f"warning: {e}", multi=jax.process_count() > 1, status=0, together=True,
+          at_once=True)
   except BaseException as e:
     if jax.process_count() <= 1:
       raise
@@ -124,17 +128,19 @@ def _lost_a_peer(e: BaseException) -> bool:
                                   "coordination service", "DEADLINE_EXCEEDED", "UNAVAILABLE"))
 
 
-def _exit(message: str, multi: bool, status: int = 1, together: bool = False) -> None:
+def _exit(message: str, multi: bool, status: int = 1, together: bool = False,
+          at_once: bool = False) -> None:
   """One line on stderr, exit ``status``. With several processes, skip the shutdown barrier:
   a peer that died or went another way would hold it for minutes. ``together``: an outcome
-  every process shares; wait briefly for the others before leaving (see
-  ``parallel.leave_together``)."""
+  every process shares; process 0 leaves last (see ``parallel.leave_together``).
+  ``at_once``: skip interpreter shutdown too (``os._exit`` after flushing logs)."""
   print(message, file=sys.stderr, flush=True)
-  if multi:
+  if multi or at_once:
+    logging.flush()
     sys.stdout.flush()
-    if together:
+    if multi and together:
       from ddpm_jax import parallel
-      parallel.leave_together()
+      parallel.leave_together(status)
     os._exit(status)
   raise SystemExit(status)
 

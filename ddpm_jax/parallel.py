@@ -16,13 +16,18 @@ decided by one process alone:
   * only process 0 writes logs, samples and reports (``is_main``);
   * a process that dies is noticed by the others through the coordination service's
     heartbeat (``DDPM_JAX_HEARTBEAT_TIMEOUT_S``, default 60 s) or at once by a
-    failing collective; they then exit non-zero.
+    failing collective; they then exit non-zero;
+  * on an outcome every process shares (an error decided together, a stop during
+    start-up), process 0 leaves last (``leave_together``): the others need its
+    coordination service until they are out.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, NamedTuple
+import sys
+import time
+from typing import Callable, NamedTuple, NoReturn
 
 import jax
 import numpy as np
@@ -144,7 +149,6 @@ def _wait_for(key: str, timeout_s: float, what: str) -> str:
 
   A peer that died ends the wait too: the coordination service's error propagates.
   """
-  import time
   deadline = time.monotonic() + timeout_s
   client = _client()
   while True:
@@ -203,17 +207,57 @@ def process_0_then_all(name: str, fn: Callable, timeout_s: float = 4 * 3600):
   raise errors.UserError(f"process 0 failed during {name!r} ({cls}: {msg}); see its log")
 
 
-def leave_together(timeout_s: float = 15.0) -> None:
-  """Before a process leaves on an error every process will hit (a UserError decided
-  together, a stop during start-up): waits, at most ``timeout_s``, for the others to get
-  there too. Process 0 runs the coordination service; leaving first would cut the others
-  off before they read the shared outcome, and they would report a lost peer instead."""
-  if jax.process_count() == 1:
-    return
-  try:
-    _client().wait_at_barrier("ddpm_jax/leave", int(timeout_s * 1000))
-  except Exception:  # noqa: BLE001  (a peer that is gone or goes another way: leave anyway)
-    pass
+# How long process 0 waits for the others to leave (``leave_together``); at most half the
+# heartbeat timeout, so that a process gone first is not declared dead while process 0 waits.
+LEAVE_TIMEOUT_S = 30.0
+# After the last flag, so that its process is gone (os._exit) before the service goes.
+LEAVE_GRACE_S = 1.0
+_heartbeat_timeout_s = HEARTBEAT_TIMEOUT_S
+
+
+def leave_together(status: int) -> NoReturn:
+  """Ends this process with ``status`` (``os._exit``, no shutdown barrier) after an outcome
+  every process shares (a UserError decided together, a stop during start-up).
+
+  Process 0 runs the coordination service, and a process whose service goes away is
+  aborted by JAX's client (SIGABRT, a crash dump instead of the one line). So process 0
+  leaves last: every other process flags ``ddpm_jax/left/<i>`` in the key-value store and
+  leaves at once, never touching the service again; process 0 waits for every flag, at
+  most ``LEAVE_TIMEOUT_S`` (30 s, or half the heartbeat timeout if less), then
+  ``LEAVE_GRACE_S`` more, and leaves. A process more than that late to its flag (or
+  going another way) may still see the service go. Output is flushed first.
+  """
+  _test_delay()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  if jax.process_count() > 1:
+    try:
+      if is_main():
+        _wait_for_others_to_leave(min(LEAVE_TIMEOUT_S, _heartbeat_timeout_s / 2))
+      else:
+        _client().key_value_set(f"ddpm_jax/left/{jax.process_index()}", "1")
+    except Exception:  # noqa: BLE001  (the service is gone or failing: leave anyway)
+      pass
+  os._exit(status)
+
+
+def _wait_for_others_to_leave(timeout_s: float) -> None:
+  """Process 0: until every other process has flagged that it leaves, or ``timeout_s``."""
+  deadline = time.monotonic() + timeout_s
+  others = {f"ddpm_jax/left/{i}" for i in range(1, jax.process_count())}
+  while time.monotonic() < deadline:
+    if others <= {k for k, _ in _client().key_value_dir_get("ddpm_jax/left/")}:
+      time.sleep(LEAVE_GRACE_S)
+      return
+    time.sleep(0.05)
+
+
+def _test_delay() -> None:
+  """Tests only: ``DDPM_JAX_TEST_SLOW_LEAVE=<process>:<seconds>`` makes that process late
+  to ``leave_together`` (a slow host)."""
+  who, _, seconds = os.environ.get("DDPM_JAX_TEST_SLOW_LEAVE", "").partition(":")
+  if who and int(who) == jax.process_index():
+    time.sleep(float(seconds))
 
 
 def _explicit_launch(env) -> bool:
@@ -235,10 +279,11 @@ def initialize_distributed(env=None) -> None:
   if _explicit_launch(env) and env.get("JAX_NUM_PROCESSES") and env.get("JAX_PROCESS_ID"):
     kwargs = dict(num_processes=int(env["JAX_NUM_PROCESSES"]),
                   process_id=int(env["JAX_PROCESS_ID"]))
+  global _heartbeat_timeout_s
+  _heartbeat_timeout_s = int(env.get("DDPM_JAX_HEARTBEAT_TIMEOUT_S", HEARTBEAT_TIMEOUT_S))
   try:
     jax.distributed.initialize(
-        heartbeat_timeout_seconds=int(env.get("DDPM_JAX_HEARTBEAT_TIMEOUT_S",
-                                              HEARTBEAT_TIMEOUT_S)),
+        heartbeat_timeout_seconds=_heartbeat_timeout_s,
         initialization_timeout=int(env.get("DDPM_JAX_INIT_TIMEOUT_S", INIT_TIMEOUT_S)),
         **kwargs)
   except ValueError as e:

@@ -3,6 +3,8 @@ start-up, a stop within seconds."""
 
 from __future__ import annotations
 
+import _thread
+import gc
 import os
 import signal
 import threading
@@ -21,8 +23,15 @@ class StopRequest:
   the process at once: ``StoppedEarly`` is raised in the main thread, and if the main
   thread is stuck in a long native call (an XLA compile) a watcher thread ends the
   process after ``HARD_STOP_S`` (``on_hard_stop`` runs first, e.g. to release a lock).
+
+  Python drops an exception raised where it cannot propagate (a gc callback such as
+  JAX's, a ``__del__``), printing "Exception ignored"; the signal often lands there
+  during start-up. So inside a gc callback the handler defers: the watcher calls it
+  again (``_thread.interrupt_main``) every ``RERAISE_S`` until it runs outside one and
+  raises. (Dropped elsewhere, the hard stop ends the process.)
   """
   HARD_STOP_S = 5.0
+  RERAISE_S = 0.1
 
   def __init__(self, on_hard_stop=None):
     self.signal = None
@@ -30,6 +39,8 @@ class StopRequest:
     self._starting = True
     self._on_hard_stop = on_hard_stop
     self._wakeup = None
+    self._deferred = False
+    self._message = ""
 
   def __enter__(self):
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -39,14 +50,24 @@ class StopRequest:
   def started(self) -> None:
     """The first train step ran: from now on a signal is agreed and saved at a step."""
     self._starting = False
+    self._deferred = False  # a signal deferred until now: the loop saves and stops
 
   def _handle(self, signum, frame):
+    if self._deferred:  # called again by the watcher (or a second signal)
+      if _in_gc_callback(frame):
+        return
+      self._deferred = False
+      raise StoppedEarly(self._message)
     if self.signal is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.signal = signal.Signals(signum).name
     if self._starting:
-      raise StoppedEarly(f"{self.signal} received during start-up, before the first step: "
-                         f"stopped; nothing new to save (the same command resumes)")
+      self._message = (f"{self.signal} received during start-up, before the first step: "
+                       f"stopped; nothing new to save (the same command resumes)")
+      if self._wakeup is not None and _in_gc_callback(frame):
+        self._deferred = True  # raised here, it would be dropped
+        return
+      raise StoppedEarly(self._message)
     logging.warning("%s received: every process will save a checkpoint at the same step "
                     "and stop", self.signal)
 
@@ -74,7 +95,9 @@ class StopRequest:
     while time.time() < deadline:
       if not self._starting or self._wakeup is None:
         return  # handled in Python (StoppedEarly raised or the loop took it)
-      time.sleep(0.1)
+      if self._deferred:
+        _thread.interrupt_main(data[0])
+      time.sleep(self.RERAISE_S)
     if self._starting and self._wakeup is not None:
       import sys
       print(f"warning: {signal.Signals(data[0]).name} received during start-up (in a long "
@@ -96,3 +119,13 @@ class StopRequest:
 
   def __bool__(self):
     return self.signal is not None
+
+
+def _in_gc_callback(frame) -> bool:
+  """Whether ``frame`` runs inside one of ``gc.callbacks``, where exceptions are dropped."""
+  codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+  while frame is not None:
+    if frame.f_code in codes:
+      return True
+    frame = frame.f_back
+  return False
