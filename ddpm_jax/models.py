@@ -13,6 +13,11 @@ GroupNorm (``time_conditioning="scale_shift"``), linear attention (``attention="
 Katharopoulos et al. 2020; the middle block keeps softmax attention), and average-pool
 down / bilinear up without convolutions (``resample="pool"``).
 
+``downsample_padding="same"``: the stride-2 convolutions pad one zero row and column after
+the image and none before, as TensorFlow's 'SAME' padding in Ho et al.'s code (and diffusers'
+``downsample_padding=0``: google/ddpm-* checkpoints need it); the default "symmetric" pads one
+on each side. Only the output differs, not the parameters.
+
 Class conditioning (``num_classes > 0``): a learned embedding of the label is added to
 the timestep embedding. Row ``num_classes`` is the null label: what classifier-free
 guidance trains with dropped labels and samples as "unconditional".
@@ -27,10 +32,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax import config_lib
+from ddpm_jax.errors import ConfigError
+
 # DDPM's initialisation: variance scaling over fan-average, uniform; zero for the
 # last layer of each residual branch and the output, so each block starts as identity.
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zero_init = nn.initializers.zeros
+DOWNSAMPLE_PADDINGS = ("symmetric", "same")
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -139,6 +148,7 @@ class UNet(nn.Module):
   time_conditioning: str = "add"  # "add" (DDPM) or "scale_shift"
   attention: str = "softmax"  # at attn_resolutions: "softmax" (DDPM) or "linear"
   resample: str = "conv"  # "conv" (strided conv down, nearest+conv up) or "pool"
+  downsample_padding: str = "symmetric"  # of the strided convs: "symmetric" or "same" (TF)
 
   @nn.compact
   def __call__(self, x, t, y=None, train: bool = False):
@@ -152,8 +162,13 @@ class UNet(nn.Module):
           num_groups=self.num_groups, dtype=self.dtype)(h)
     else:
       attn = mid_attn
-    conv3 = lambda feat, **kw: nn.Conv(feat, (3, 3), padding=1, dtype=self.dtype,  # noqa: E731
+    conv3 = lambda feat, **kw: nn.Conv(feat, (3, 3), padding=kw.pop("padding", 1),  # noqa: E731
+                                       dtype=self.dtype,
                                        kernel_init=kw.pop("init", default_init), **kw)
+    if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
+      raise ValueError(f"downsample_padding={self.downsample_padding!r}: use one of "
+                       f"{DOWNSAMPLE_PADDINGS}")
+    pad = 1 if self.downsample_padding == "symmetric" else ((0, 1), (0, 1))
     x = x.astype(self.dtype)
     temb = timestep_embedding(t, self.ch)
     temb = nn.Dense(self.ch * 4, dtype=self.dtype, kernel_init=default_init, name="temb0")(temb)
@@ -176,7 +191,7 @@ class UNet(nn.Module):
         if self.resample == "pool":
           hs.append(nn.avg_pool(hs[-1], (2, 2), (2, 2)))
         else:
-          hs.append(conv3(hs[-1].shape[-1], strides=2)(hs[-1]))
+          hs.append(conv3(hs[-1].shape[-1], strides=2, padding=pad)(hs[-1]))
 
     h = ResBlock(hs[-1].shape[-1], **res_kw)(hs[-1], temb, train)
     h = mid_attn(h)
@@ -208,7 +223,15 @@ def create_model(config) -> UNet:
               num_groups=m.get("num_groups", 32), dtype=dtype,
               num_classes=m.get("num_classes", 0),
               time_conditioning=m.get("time_conditioning", "add"),
-              attention=m.get("attention", "softmax"), resample=m.get("resample", "conv"))
+              attention=m.get("attention", "softmax"), resample=m.get("resample", "conv"),
+              downsample_padding=_downsample_padding(config))
+
+
+def _downsample_padding(config) -> str:
+  value = config_lib.setting(config, "model.downsample_padding")
+  if value not in DOWNSAMPLE_PADDINGS:
+    raise ConfigError(f"model.downsample_padding={value!r}: use one of {DOWNSAMPLE_PADDINGS}")
+  return value
 
 
 def init_params(model: UNet, key: jax.Array, image_size: int, channels: int = 3):
