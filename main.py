@@ -34,9 +34,14 @@ MODES = {
     "eval": "bits/dim, per-timestep loss, sample metrics (FID given Inception weights)",
     "prepare": "prepare data.dataset's records into data.data_dir (local or gs://) and stop",
     "distill": "progressive distillation of distill.teacher into <workdir>/steps<N> students",
+    "export": "the workdir's model as a diffusers DDPMPipeline folder (--out; EMA unless "
+              "--config.sampling.use_ema=false)",
+    "import": "a diffusers UNet2DModel folder (--model) as a new workdir's step-0 checkpoint",
 }
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.", lock_config=False)
 flags.DEFINE_string("workdir", "runs/", "Run folder (local or gs://): checkpoints, logs, samples.")
+flags.DEFINE_string("out", None, "--mode=export: the pipeline folder (<workdir>/diffusers).")
+flags.DEFINE_string("model", None, "--mode=import: a diffusers pipeline or UNet2DModel folder.")
 flags.DEFINE_enum("mode", "train", list(MODES), "; ".join(f"{k}: {v}" for k, v in MODES.items()))
 FLAGS = flags.FLAGS
 
@@ -45,7 +50,7 @@ def _config():
   """The --config file, or for non-train modes without --config the workdir's saved config."""
   from ddpm_jax import checkpoint as ckpt_lib
   from ddpm_jax import config_lib
-  if FLAGS.mode in ("train", "prepare", "distill") or FLAGS["config"].present:
+  if FLAGS.mode in ("train", "prepare", "distill", "import") or FLAGS["config"].present:
     return FLAGS.config
   mngr = ckpt_lib.make_manager(FLAGS.workdir, read_only=True, async_save=False)
   config, _ = ckpt_lib.newest_config(mngr, FLAGS.workdir)
@@ -75,10 +80,32 @@ def _run(mode: str, config, workdir: str) -> None:
       print(out)  # the last line: the last student's workdir
   elif mode == "eval":
     evaluate.evaluate(config, workdir)
+  elif mode in ("export", "import"):
+    _diffusers(mode, config, workdir)
   else:
     out = modes.MODES[mode](config, workdir)
     if parallel.is_main():
       print(out)  # the last line: where the files are
+
+
+def _diffusers(mode: str, config, workdir: str) -> None:
+  """--mode=export / import (ddpm_jax.diffusers_io), on one process."""
+  import jax
+
+  from ddpm_jax import diffusers_io, fs
+  from ddpm_jax.errors import ConfigError
+  if jax.process_count() > 1:
+    raise ConfigError(f"--mode={mode} runs on one process: run it on one host, without the "
+                      f"launcher")
+  if mode == "export":
+    print(diffusers_io.export_pipeline(config, workdir, FLAGS.out or fs.join(
+        fs.normalize(workdir), "diffusers"), use_ema=config.sampling.use_ema))
+  else:
+    if not FLAGS.model:
+      raise ConfigError("--mode=import needs --model=DIR, a diffusers pipeline folder or "
+                        "its unet/ folder")
+    diffusers_io.import_unet(FLAGS.model, workdir)
+    print(fs.normalize(workdir))  # the last line: the new workdir
 
 
 def main(argv):

@@ -110,6 +110,21 @@ def test_train_then_bare_sample_as_on_the_design_card(tmp_path, data_dir):
   assert os.path.exists(tmp_path / "runs" / "eval" / "metrics.jsonl")
   assert os.listdir(tmp_path / "runs" / "tensorboard" / "eval")
 
+  # Out to diffusers and back in: the imported workdir samples what the run's EMA did.
+  exported = run_main("--mode=export", cwd=tmp_path).stdout.strip().splitlines()[-1]
+  assert exported == str(tmp_path / "runs" / "diffusers")
+  assert sorted(os.listdir(exported)) == ["model_index.json", "scheduler", "unet"]
+  imported = run_main("--mode=import", f"--model={exported}", "--workdir",
+                      str(tmp_path / "imported"), cwd=tmp_path).stdout.strip().splitlines()[-1]
+  same = ["--config.sampling.num_samples=8", "--config.sampling.batch_size=8",
+          "--config.sampling.num_steps=5", "--config.sampling.num_frames=0"]
+  back = run_main("--mode=sample", "--workdir", imported, *same,
+                  cwd=tmp_path).stdout.strip().splitlines()[-1]
+  ours = run_main("--mode=sample", *same, "--config.sampling.name=for_import",
+                  cwd=tmp_path).stdout.strip().splitlines()[-1]
+  np.testing.assert_allclose(np.load(os.path.join(back, "samples.npz"))["samples"],
+                             np.load(os.path.join(ours, "samples.npz"))["samples"], atol=1e-5)
+
 
 def test_sample_without_a_checkpoint_is_one_clear_line(tmp_path):
   proc = run_main("--mode=sample", "--workdir", str(tmp_path / "empty"), cwd=tmp_path,
