@@ -7,7 +7,7 @@ and --big-batch), forward img/s, end-to-end DDIM sampling time for 10 and 50 ste
 (16 images, warm), and for ddpm_jax the train-step compile time cold and from the
 persistent cache (fresh subprocesses), and peak memory. Prints a table of absolute
 numbers and ratios, and writes JSON (--out). Without --peer-python the peer rows are
-empty. The peer runs ../shared/bench/diffusers_peer.py in its own environment
+empty. The peer runs benchmarks/diffusers_peer.py in its own environment
 (`pip install torch==2.13.0 diffusers`).
 """
 
@@ -26,7 +26,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-PEER = os.path.join(REPO, "..", "shared", "bench", "diffusers_peer.py")
+PEER = os.path.join(REPO, "benchmarks", "diffusers_peer.py")
 
 
 # What the two sides do differently in the timed work (printed with the table).

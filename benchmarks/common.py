@@ -22,8 +22,7 @@ def step():
   opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
 '''
 
-DEFAULT_PEER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
-                                "shared", "bench")
+DEFAULT_PEER_DIR = os.path.dirname(os.path.abspath(__file__))  # benchmarks/diffusers_peer.py
 
 
 def our_train_step(batch: int, config_name: str = "cifar10"):

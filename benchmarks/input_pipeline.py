@@ -1,7 +1,7 @@
 """The host input pipeline alone: training img/s from prepared records against the cores it
 is given, next to what a train step consumes.
 
-  python benchmarks/input_pipeline.py [--folder ../shared/data/anime_faces_64/images]
+  python benchmarks/input_pipeline.py [--folder anime_faces_64]  (64x64 faces: docs/results.md)
 
 Prepares the folder once as ArrayRecords (image_folder at 32x32 and 64x64, in --data-dir),
 then for each image size, number of cores (the child process, and the reader processes it

@@ -1,7 +1,7 @@
 """Sample quality per CPU-hour: ddpm_jax against diffusers, the same U-Net, images, cores, time.
 
   python benchmarks/peer_quality.py --peer-python /path/to/peer-venv/bin/python \
-      --folder ../shared/data/anime_faces_64/images --minutes 10
+      --folder anime_faces_64 --minutes 10
 
 One run, one side after the other on the same cores:
   ours: `main.py` with configs/anime32.py (1,113,955 parameters) on the folder, stopped with

@@ -1,7 +1,7 @@
 """Anime faces at 32x32 on a CPU in about an hour: the reference run of docs/results.md.
 
   python main.py --config configs/anime32.py --workdir runs/anime32 \
-      --config.data.folder=../shared/data/anime_faces_64/images
+      --config.data.folder=anime_faces_64  # a folder of 64x64 faces: docs/results.md
 
 Any folder of face images works (``data.dataset=image_folder``); with the Kaggle
 download use ``--config.data.dataset=anime_faces`` instead of a folder. The U-Net is

@@ -16,7 +16,8 @@ def set_process_defaults() -> None:
   A variable the user set always wins:
     * XLA:CPU's YNNPACK fusions off on jaxlib 0.10 (they made our convolutions slower
       on x86: a 32x32 U-Net's train step 0.81 s -> 0.67 s without; docs/benchmarks.md);
-    * ``EPATH_USE_TF=false``: ``gs://`` through gcsfs, one client for every path;
+    * ``EPATH_USE_TF=false``: ``gs://`` files through gcsfs (tensorstore and google-cloud-storage
+      serve checkpoint arrays and the lock);
     * ``TF_CPP_MIN_LOG_LEVEL=2``, ``TF_ENABLE_ONEDNN_OPTS=0``: TensorFlow's C++
       start-up chatter off (TensorFlow only prepares data here).
   """
