@@ -9,6 +9,14 @@ trainer: exact resume after a kill, agreed stops on several processes, ``gs://``
 progress and TensorBoard. The rounds run in order; a finished round is skipped, an
 interrupted one resumes.
 
+Each round pins its teacher at its first start, before training: ``<round>/teacher.json``
+names the teacher (round 1: ``distill.teacher``; later rounds: the previous round's
+folder, relative to the workdir, so a moved workdir still resumes), the checkpoint step
+read and a sha256 of its parameters (``params_digest``). A resumed round reads exactly
+that step, so a teacher that trained on meanwhile does not mix two teachers into one
+student; another teacher, a pinned step that is gone, or one whose parameters changed is
+refused with one line before anything is written.
+
 Time grid: N + 1 levels ``sampling.distilled_grid(T, N)``, the trailing timesteps from T-1
 and then the data (-1): evenly spaced, both ends kept, so the student's grid (N/2 steps)
 is every other level of the teacher's. A student's workdir samples with DDIM (eta 0) on
@@ -35,6 +43,9 @@ teacher's student starts exactly as its teacher.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -156,8 +167,12 @@ def check(config, num_timesteps: int) -> None:
                         f"{n // 2}-step one: pick distill.start_steps dividing T")
 
 
+def _round_name(student_steps: int) -> str:
+  return f"steps{student_steps}"
+
+
 def round_dir(workdir: str, student_steps: int) -> str:
-  return fs.join(workdir, f"steps{student_steps}")
+  return fs.join(workdir, _round_name(student_steps))
 
 
 def round_config(config, teacher_config, teacher_dir: str, round_index: int, teacher_steps: int,
@@ -184,6 +199,87 @@ def round_config(config, teacher_config, teacher_dir: str, round_index: int, tea
   return c
 
 
+PIN_FILE = "teacher.json"  # in a round's folder: the teacher it started with
+
+
+def params_digest(params) -> str:
+  """sha256 of a parameter tree: each leaf's path, dtype, shape and bytes, in tree order
+  (what tells one teacher from another at the same step)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+    a = np.ascontiguousarray(leaf)
+    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}\n".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _read_pin(round_workdir: str) -> dict | None:
+  path = fs.join(round_workdir, PIN_FILE)
+  if not fs.exists(path):
+    return None
+  try:
+    pin = json.loads(fs.read_text(path))
+    return {"teacher": str(pin["teacher"]), "step": int(pin["step"]),
+            "digest": str(pin["digest"])}
+  except (ValueError, KeyError, TypeError) as e:
+    raise ConfigError(f"{path} is unreadable ({type(e).__name__}: {e}): it pins this round's "
+                      f"teacher; restore it, or delete {round_workdir} to restart the "
+                      f"round") from e
+
+
+def _legacy_teacher(round_workdir: str) -> str | None:
+  """The teacher a round that has checkpoints but no pin (an older version) was started
+  with, from its saved config; None for a round not started."""
+  if not fs.exists(ckpt_lib.checkpoint_dir(round_workdir)):
+    return None
+  mngr = ckpt_lib.make_manager(round_workdir, read_only=True, async_save=False)
+  if mngr.latest_step() is None:
+    return None
+  saved, _ = ckpt_lib.newest_config(mngr, round_workdir)
+  return fs.normalize(saved.distill.round_teacher) if saved.distill.get("round_teacher") \
+      else ""
+
+
+def pinned_teacher(round_workdir: str, name: str, teacher_dir: str, teacher_config):
+  """(params, step) of a round's teacher: at the round's first start the teacher's newest
+  checkpoint (EMA by its ``sampling.use_ema``), pinned in ``<round>/teacher.json`` before
+  training; afterwards exactly the pinned step, checked against the pin's digest.
+
+  ``name`` is what the pin records for the teacher (its workdir, or the previous round's
+  folder). Raises ConfigError, before anything is written, for another teacher, a pinned
+  step that is gone, or one whose parameters differ. Every process calls this: they all
+  read the pin before any of them can write it (``load_params`` waits for all of them)."""
+  pin, where = _read_pin(round_workdir), fs.join(round_workdir, PIN_FILE)
+  restart = f"distill into another --workdir, or delete {round_workdir} to restart this round"
+  if pin is None:
+    legacy = _legacy_teacher(round_workdir)
+    if legacy is not None and legacy != fs.normalize(teacher_dir):
+      raise ConfigError(f"{round_workdir} was started with teacher {legacy or '(unknown)'}, "
+                        f"not {teacher_dir}: {restart}")
+    params, step = ckpt_lib.load_params(teacher_config, teacher_dir)
+    if legacy is not None:
+      logging.warning("%s has checkpoints but no %s (an older version): pinning its teacher "
+                      "at the newest step, %d", round_workdir, PIN_FILE, step)
+    record = {"teacher": name, "step": int(step), "digest": params_digest(params)}
+    parallel.process_0_then_all("pin the teacher", lambda: fs.write_json(where, record))
+    return params, step
+  if pin["teacher"] != name:
+    raise ConfigError(f"{round_workdir} was started with teacher {pin['teacher']} (see "
+                      f"{where}), not {name}: set --config.distill.teacher={pin['teacher']} "
+                      f"to resume it, or {restart}")
+  mngr = ckpt_lib.make_manager(teacher_dir, read_only=True, async_save=False)
+  if pin["step"] not in mngr.all_steps():
+    raise ConfigError(f"the teacher's checkpoint {pin['step']} that {round_workdir} started "
+                      f"with (see {where}) is gone from {ckpt_lib.checkpoint_dir(teacher_dir)}"
+                      f": the round cannot go on with the same teacher; {restart}")
+  params, step = ckpt_lib.load_params(teacher_config, teacher_dir, step=pin["step"])
+  if params_digest(params) != pin["digest"]:
+    raise ConfigError(f"the teacher's checkpoint {step} in {ckpt_lib.checkpoint_dir(teacher_dir)}"
+                      f" is not the one {round_workdir} started with (its parameters' digest "
+                      f"differs from {where}'s): {restart}")
+  return params, step
+
+
 def saved_config(workdir: str):
   """The config saved with a workdir's newest checkpoint, with today's defaults filled in."""
   mngr = ckpt_lib.make_manager(workdir, read_only=True, async_save=False)
@@ -208,9 +304,13 @@ def distill(config, workdir: str, overrides: dict | None = None) -> str | None:
     if parallel.is_main():
       logging.info("distillation round %d of %d: %d -> %d steps, teacher %s, into %s", r,
                    len(steps), n, n // 2, teacher_dir, out)
+    name = teacher_dir if r == 1 else _round_name(n)  # the previous round's folder
+    teacher_params, teacher_step = pinned_teacher(out, name, teacher_dir, teacher_config)
+    if parallel.is_main():
+      logging.info("round %d's teacher: %s at step %d (pinned in %s)", r, teacher_dir,
+                   teacher_step, fs.join(out, PIN_FILE))
     model = models.create_model(cfg)
     schedule = diffusion.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
-    teacher_params, _ = ckpt_lib.load_params(teacher_config, teacher_dir)  # EMA by default
     state = train.train_and_evaluate(
         cfg, out, objective(cfg, model, schedule, teacher_config, teacher_params))
     if int(state.step) < cfg.training.num_train_steps:
