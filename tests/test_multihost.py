@@ -193,7 +193,7 @@ if jax.process_index() == 1:  # a read error on this process alone (a 403, say)
   ckpt_lib._reader = reader_that_is_denied
 try:
   ckpt_lib.restore_newest(mngr, {workdir!r}, state_lib.abstract_train_state(tiny.get_config()),
-                          retries=0)
+                          retries=0, set_aside=True)  # as a trainer: even it moves nothing
 except errors.UserError as e:
   print("error:", e, flush=True)
   parallel.leave_together(1)  # as main.py does: process 0 must not cut the other off
