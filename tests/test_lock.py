@@ -218,15 +218,21 @@ def test_two_takers_of_a_stale_lock_one_inside_the_others_turn_one_wins():
   b.release()
 
 
-def test_the_release_of_a_holder_that_lost_its_lock_leaves_the_new_holders():
-  """a's machine stalled past STALE_S, b took over; a, not yet aware, releases: the delete
-  is conditional on a's generation, so b's lock stays."""
+def _taken_over():
+  """a holds the lock; its machine stalls past STALE_S and b takes the lock over."""
   store = FakeStore()
   a = FakeStoreLock(store)
   a.acquire()
   store.now += lock_lib.WorkdirLock.STALE_S + 1
   b = FakeStoreLock(store)
   b.acquire()
+  return store, a, b
+
+
+def test_the_release_of_a_holder_that_lost_its_lock_leaves_the_new_holders():
+  """a's machine stalled past STALE_S, b took over; a, not yet aware, releases: the delete
+  is conditional on a's generation, so b's lock stays."""
+  store, a, b = _taken_over()
   a.release()
   assert _holder_id(store) == b.me["id"]
   b.release()
@@ -262,12 +268,7 @@ def test_a_create_whose_reply_was_lost_holds_the_lock():
 
 
 def test_a_refresh_that_finds_another_holder_loses_the_lock():
-  store = FakeStore()
-  a = FakeStoreLock(store)
-  a.acquire()
-  store.now += lock_lib.WorkdirLock.STALE_S + 1
-  b = FakeStoreLock(store)
-  b.acquire()
+  store, a, b = _taken_over()
   a.refresh()
   assert a.lost
   with pytest.raises(WorkdirLocked, match="took over"):
