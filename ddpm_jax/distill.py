@@ -17,7 +17,7 @@ that step, so a teacher that trained on meanwhile does not mix two teachers into
 student; another teacher, a pinned step that is gone, or one whose parameters changed is
 refused with one line before anything is written.
 
-Time grid: N + 1 levels ``sampling.distilled_grid(T, N)``, the trailing timesteps from T-1
+Time grid: N + 1 levels ``timesteps.distilled_grid(T, N)``, the trailing timesteps from T-1
 and then the data (-1): evenly spaced, both ends kept, so the student's grid (N/2 steps)
 is every other level of the teacher's. A student's workdir samples with DDIM (eta 0) on
 exactly its grid without extra flags (its saved config says so).
@@ -53,7 +53,17 @@ import numpy as np
 from absl import logging
 
 from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax import config_lib, diffusion, fs, generate, models, parallel, sampling, train
+from ddpm_jax import (
+  config_lib,
+  diffusion,
+  fs,
+  generate,
+  models,
+  parallel,
+  sampling,
+  timesteps,
+  train,
+)
 from ddpm_jax.errors import ConfigError
 
 WEIGHTINGS = ("truncated_snr", "snr_plus_one")
@@ -68,12 +78,6 @@ def _alpha_sigma(schedule, t, shape):
   """(alpha_t, sigma_t) per example, shaped to broadcast against ``shape``; t = -1: (1, 0)."""
   ab = diffusion.alpha_bar_at(schedule, t).reshape(t.shape + (1,) * (len(shape) - t.ndim))
   return jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-
-
-def ddim_step(schedule: diffusion.Schedule, x0, eps, t_next):
-  """Deterministic DDIM to level ``t_next`` (per example; -1 = the data) from a prediction."""
-  a, s = _alpha_sigma(schedule, t_next, x0.shape)
-  return a * x0 + s * eps
 
 
 def two_step_target(schedule: diffusion.Schedule, z_t, t, t_end, z_end):
@@ -96,12 +100,13 @@ def loss_weight(schedule: diffusion.Schedule, t, weighting: str):
 
 
 def teacher_two_steps(schedule, eps_fn, z, grid, j, clip_x0: bool):
-  """The teacher's two DDIM steps from level 2j of ``grid`` to 2j+2: (t, t_end, z_end)."""
+  """The teacher's two deterministic DDIM steps (``sampling.ddim_step``, the sampler's own
+  update) from level 2j of ``grid`` to 2j+2: (t, t_end, z_end)."""
   t, t_mid, t_end = grid[2 * j], grid[2 * j + 1], grid[2 * j + 2]
   x0, eps = sampling.pred_x0_eps(eps_fn, schedule, z, t, clip_x0)
-  z_mid = ddim_step(schedule, x0, eps, t_mid)
+  z_mid = sampling.ddim_step(schedule, x0, eps, t_mid)
   x0, eps = sampling.pred_x0_eps(eps_fn, schedule, z_mid, t_mid, clip_x0)
-  return t, t_end, ddim_step(schedule, x0, eps, t_end)
+  return t, t_end, sampling.ddim_step(schedule, x0, eps, t_end)
 
 
 # ------------------------------------------------------------------ one round's objective
@@ -109,7 +114,7 @@ def teacher_two_steps(schedule, eps_fn, z, grid, j, clip_x0: bool):
 def objective(config, model, schedule, teacher_config, teacher_params) -> train.Objective:
   """The train-step objective of a round (``config.distill.teacher_steps`` -> half)."""
   n_teacher = int(config.distill.teacher_steps)
-  grid = jnp.asarray(sampling.distilled_grid(schedule.num_timesteps, n_teacher))
+  grid = jnp.asarray(timesteps.distilled_grid(schedule.num_timesteps, n_teacher))
   clip_x0, weighting = bool(config.sampling.clip_x0), config.distill.weighting
   prediction_type = config.model.prediction_type
   teacher_model = models.create_model(teacher_config)
@@ -161,7 +166,7 @@ def check(config, num_timesteps: int) -> None:
     if n > num_timesteps:
       raise ConfigError(f"distill.start_steps={n} exceeds diffusion.num_timesteps="
                         f"{num_timesteps}")
-    teacher, student = (sampling.distilled_grid(num_timesteps, k) for k in (n, n // 2))
+    teacher, student = (timesteps.distilled_grid(num_timesteps, k) for k in (n, n // 2))
     if not np.array_equal(teacher[::2], student):  # rounding of T/n broke the nesting
       raise ConfigError(f"the {n}-step grid of T={num_timesteps} does not contain the "
                         f"{n // 2}-step one: pick distill.start_steps dividing T")

@@ -430,17 +430,17 @@ def evaluate(config, workdir: str) -> list[dict]:
       if ref is None:
         report["fid"] = report["kid"] = "not computed: eval.num_samples is 0"
       else:
-        s = config.sampling
-        report["sampler"] = (f"{s.sampler}, {s.num_steps} steps, eta {s.eta}, seed {s.seed}"
-                             if s.sampler != "ddpm" else
-                             f"ddpm, {schedule.num_timesteps} steps")
+        plan = sampler.plan
+        report["sampler"] = (f"{plan.sampler}, {plan.num_steps} steps, eta {plan.eta}, seed "
+                             f"{config.sampling.seed}" if plan.sampler != "ddpm" else
+                             f"ddpm, {plan.num_steps} steps")
         sample_labels = None
         if cond:  # conditioned as the held-out images are (unlabelled samples of a
           # conditional model were one null label twice through guidance)
           sample_labels = np.resize(np.concatenate([np.asarray(y) for y in val_loss.labels]),
                                     ev.num_samples)
           report["sample_labels"] = (f"the held-out images' labels in turn, guidance scale "
-                                     f"{s.guidance_scale}")
+                                     f"{plan.guidance_scale}")
         samples_u8 = images.to_uint8(generate.generate(config, sampler, params, ev.num_samples,
                                                        desc="eval samples",
                                                        labels=sample_labels)[0])

@@ -24,6 +24,7 @@ from ddpm_jax import (
   parallel,
   progress,
   sampling,
+  timesteps,
 )
 from ddpm_jax.errors import ConfigError
 
@@ -42,13 +43,6 @@ def make_eps_fn(config, model, schedule, params, labels=None, guidance_scale: fl
   return sampling.guided_eps_fn(eps_of, labels, model.num_classes, guidance_scale)
 
 
-def steps_from(num_steps: int, t_start: int, num_timesteps: int) -> int:
-  """Steps of a respaced sampler that starts at ``t_start`` (image-to-image): the density of
-  ``num_steps`` over all T, over the shorter way [0, t_start]; at least one, so the model
-  always sees the input at t_start."""
-  return max(1, min(t_start + 1, round(num_steps * (t_start + 1) / num_timesteps)))
-
-
 def student_timesteps(config, num_timesteps: int, t_start: int | None = None):
   """A distilled student's own DDIM grid (a tuple), from ``t_start`` when given (which must
   be on it: see ``snap_to_grid``); None for other models, or where the config asks for
@@ -59,77 +53,73 @@ def student_timesteps(config, num_timesteps: int, t_start: int | None = None):
   if sampling.canonical_sampler(s.sampler) != "ddim" or s.num_steps != n or \
       s.spacing != "trailing":
     return None
-  grid = sampling.distilled_grid(num_timesteps, n)[:-1]
-  if t_start is None:
-    return tuple(int(t) for t in grid)
-  if t_start not in grid:
-    raise ValueError(f"t_start={t_start} is not on the student's grid {list(grid)}")
-  return tuple(int(t) for t in grid[grid <= t_start])
+  return tuple(int(t) for t in timesteps.student(num_timesteps, n, t_start))
 
 
 def snap_to_grid(config, num_timesteps: int, t: int) -> int:
   """For a distilled student (``student_timesteps``): the level of its grid image-to-image
   starts from, the highest at or below ``t`` (the lowest if all are above); ``t`` otherwise."""
   grid = student_timesteps(config, num_timesteps)
-  if grid is None:
-    return t
-  below = [g for g in grid if g <= t]
-  return below[0] if below else grid[-1]
+  return t if grid is None else timesteps.snap(grid, t)
+
+
+def plan_for(config, schedule, *, t_start: int | None = None, frames: bool = False,
+             inpaint: bool = False) -> sampling.Plan:
+  """The sampling plan of ``config``: the one place generation reads ``config.sampling``
+  for how to sample. ``t_start``: image-to-image from that level, with the steps' density
+  of a full run (``timesteps.steps_from``); ``frames``: record ``sampling.num_frames``;
+  ``inpaint``: ``sampling.resample_steps`` RePaint jumps. A distilled student samples on
+  its own grid where the config asks for the sampler it was trained for."""
+  s, T = config.sampling, schedule.num_timesteps
+  grid = student_timesteps(config, T, t_start)
+  num_steps = s.num_steps if t_start is None else timesteps.steps_from(s.num_steps, t_start, T)
+  resample = int(config_lib.setting(config, "sampling.resample_steps")) if inpaint else 1
+  return sampling.make_plan(
+      s.sampler, schedule, num_steps=num_steps, spacing=s.spacing, t_start=t_start,
+      timesteps=grid, distilled=grid is not None, eta=float(s.eta),
+      variance=s.ddpm_variance, clip_x0=bool(s.clip_x0),
+      guidance_scale=float(config_lib.setting(config, "sampling.guidance_scale")),
+      resample_steps=resample, num_frames=int(s.num_frames) if frames else 0)
 
 
 class Sampler:
-  """A compiled, pmapped sampler for one config; reused across batches and parameters.
+  """A compiled, pmapped sampler of one plan (``plan_for(config, schedule)`` by default);
+  reused across batches and parameters.
 
   Entry points: ``__call__`` (samples for global sample indices: the noise of sample i is
   drawn from (seed, i)), ``run`` (from given starting points), ``invert`` (DDIM
-  inversion) and ``grid``. One key rule for the sampler's own randomness (eta > 0, DDPM):
-  batch ``batch_key`` uses ``fold_in(key(seed + 1), batch_key)``, then the device index.
+  inversion on the plan's timesteps) and ``grid``. One key rule for the sampler's own
+  randomness (eta > 0, DDPM): batch ``batch_key`` uses ``fold_in(key(seed + 1),
+  batch_key)``, then the device index.
 
-  ``t_start`` makes it an image-to-image sampler (it starts from x at that timestep).
-  ``run(..., known=, mask=)`` keeps known pixels (inpainting); ``resample_steps`` > 1
-  adds that many RePaint jumps per step (``sampling.resample_steps`` for the inpaint mode).
+  A plan with a ``t_start`` makes it an image-to-image sampler (it starts from x at that
+  timestep). ``run(..., known=, mask=)`` keeps known pixels (inpainting), with the plan's
+  RePaint ``resample_steps``.
   """
 
-  def __init__(self, config, model, schedule, num_frames: int = 0, t_start: int | None = None,
-               resample_steps: int = 1):
-    s = config.sampling
-    self.config, self.schedule, self.num_frames = config, schedule, num_frames
-    self.model, self.t_start = model, t_start
+  def __init__(self, config, model, schedule, plan: sampling.Plan | None = None):
+    self.plan = plan_for(config, schedule) if plan is None else plan
+    self.config, self.schedule, self.model = config, schedule, model
+    self.num_frames = self.plan.num_frames
     self.shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-    num_steps = s.num_steps
-    timesteps = student_timesteps(config, schedule.num_timesteps, t_start)
-    if timesteps is not None:
-      num_steps = len(timesteps)
-    elif t_start is not None:
-      num_steps = steps_from(s.num_steps, t_start, schedule.num_timesteps)
-    self.num_steps, self.explicit_timesteps = num_steps, timesteps
-    resample = int(resample_steps)
-    if resample > 1:
-      sampling.check_resampling(s.sampler, resample)
-    guidance_scale = config_lib.setting(config, "sampling.guidance_scale")
+    plan = self.plan
 
     def sample_fn(params, x_T, key, labels, known, mask):
       key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS))
-      eps_fn = make_eps_fn(config, model, schedule, params, labels, guidance_scale)
-      return sampling.sample(s.sampler, eps_fn, schedule, x_T, key, num_steps=num_steps,
-                             eta=s.eta, spacing=s.spacing, variance=s.ddpm_variance,
-                             clip_x0=s.clip_x0, num_frames=num_frames, t_start=t_start,
-                             known=known, mask=mask, resample_steps=resample,
-                             timesteps=timesteps)
+      eps_fn = make_eps_fn(config, model, schedule, params, labels, plan.guidance_scale)
+      return sampling.sample(plan, eps_fn, schedule, x_T, key, known=known, mask=mask)
 
     def invert_fn(params, x0, labels):
       eps_fn = make_eps_fn(config, model, schedule, params, labels, 1.0)
-      return sampling.ddim_invert(eps_fn, schedule, x0, num_steps=s.num_steps,
-                                  spacing=sampling.resolve_spacing("ddim", s.spacing))
+      return sampling.ddim_invert(eps_fn, schedule, x0, plan=plan)
 
     self._p_sample = parallel.pmap(sample_fn, in_axes=(0, 0, None, 0, 0, 0))
     self._p_invert = parallel.pmap(invert_fn)
     self._replicated = (None, None)
 
   def timesteps(self) -> np.ndarray:
-    s = self.config.sampling
-    return sampling.timesteps_used(s.sampler, self.schedule, self.num_steps, s.spacing,
-                                   self.t_start, self.explicit_timesteps)
+    """The timesteps the model is called at, in order (the plan's)."""
+    return np.asarray(self.plan.timesteps, np.int32)
 
   def noise(self, seed: int, indices: np.ndarray) -> jax.Array:
     key = jax.random.key(seed)

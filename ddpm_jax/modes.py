@@ -43,12 +43,12 @@ MASKS = ("center", "left", "strokes")
 SETTINGS_FILE = "sampling.json"  # in every output folder: what made it (see settings_report)
 
 
-def default_name(config, step: int) -> str:
-  s = config.sampling
-  steps = config.diffusion.num_timesteps if s.sampler == "ddpm" else s.num_steps
-  eta = f"_eta{s.eta:g}" if s.sampler == "ddim" else ""
-  guide = f"_w{s.guidance_scale:g}" if config.model.num_classes else ""
-  return f"step{step}_{s.sampler}{steps}{eta}{guide}_seed{s.seed}"
+def default_name(plan: sampling.Plan, step: int, seed: int, conditional: bool) -> str:
+  """The output folder's name: the step, the plan's sampler and model calls, eta (DDIM),
+  guidance (labelled models) and the seed."""
+  eta = f"_eta{plan.eta:g}" if plan.sampler == "ddim" else ""
+  guide = f"_w{plan.guidance_scale:g}" if conditional else ""
+  return f"step{step}_{plan.sampler}{plan.num_steps}{eta}{guide}_seed{seed}"
 
 
 def mode_config(config, mode: str, **forced):
@@ -109,7 +109,9 @@ def _setup(config, workdir, what, mode, **extra):
   params, step = ckpt_lib.load_params(config, workdir)
   model = models.create_model(config)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  name = config.sampling.name or "_".join(filter(None, [what, default_name(config, step)]))
+  name = config.sampling.name or "_".join(filter(None, [what, default_name(
+      generate.plan_for(config, schedule), step, config.sampling.seed,
+      bool(config.model.num_classes))]))
   base = fs.join(fs.normalize(workdir), "samples", name)
   out_dir = unclaimed(lambda k: base if k == 1 else f"{base}-{k}",
                       lambda d: fs.join(d, SETTINGS_FILE),
@@ -117,27 +119,23 @@ def _setup(config, workdir, what, mode, **extra):
   return params, model, schedule, out_dir, step
 
 
-def settings_report(config, sampler: Sampler | None, step: int, mode: str, labels=None,
+def settings_report(config, plan: sampling.Plan, step: int, mode: str, labels=None,
                     names=(), **extra) -> dict:
-  """What produced a folder of samples: checkpoint step, sampler, the number of model
-  calls per sample and the timesteps it used (DDPM: every step it takes), and under
-  "settings" every setting (``all_settings``)."""
+  """What produced a folder of samples, from the plan that ran (``Plan.report``: sampler,
+  spacing, eta, clipping, the number of model calls per sample and the timesteps, DDPM's
+  every step), the checkpoint step, seed and parameters, and under "settings" every
+  setting (``all_settings``)."""
   s = config.sampling
-  report = {"checkpoint_step": int(step), "sampler": s.sampler,
-            "spacing": sampling.resolve_spacing(s.sampler, s.spacing), "eta": float(s.eta),
-            "clip_x0": bool(s.clip_x0), "seed": int(s.seed), "use_ema": bool(s.use_ema)}
-  if sampler is not None:
-    timesteps = sampler.timesteps().tolist()
-    report.update(num_steps=len(timesteps), timesteps=timesteps)
+  report = {"checkpoint_step": int(step), **plan.report(), "seed": int(s.seed),
+            "use_ema": bool(s.use_ema)}
   if config_lib.setting(config, "distill.round"):
     d = config.distill
     report["distilled"] = {"round": int(d.round), "teacher_steps": int(d.teacher_steps),
                            "student_steps": int(d.teacher_steps) // 2,
                            "teacher": d.round_teacher, "first_teacher": d.teacher,
-                           "on_its_grid": sampler is not None and
-                           sampler.explicit_timesteps is not None}
+                           "on_its_grid": plan.distilled}
   if labels is not None:
-    report.update(guidance_scale=float(s.guidance_scale), classes=list(names),
+    report.update(guidance_scale=float(plan.guidance_scale), classes=list(names),
                   labels=[names[i] for i in labels])
   report["settings"] = json.loads(json.dumps(all_settings(config, step, mode, **extra)))
   return report
@@ -164,7 +162,9 @@ def sample_and_save(config, workdir: str) -> str:
   params, model, schedule, out_dir, step = _setup(config, workdir, "", "sample")
   labels, names = _labels(config, model, workdir, s.num_samples)
   sampler = Sampler(config, model, schedule)
-  gif_sampler = Sampler(config, model, schedule, num_frames=s.num_frames) if s.num_frames else None
+  gif_sampler = (Sampler(config, model, schedule, generate.plan_for(config, schedule,
+                                                                    frames=True))
+                 if s.num_frames else None)
   x, frames = generate.generate(config, sampler, params, s.num_samples, first_sampler=gif_sampler,
                                 labels=labels)
   if parallel.is_main():
@@ -179,7 +179,7 @@ def sample_and_save(config, workdir: str) -> str:
     extra = {} if labels is None else {"labels": labels}
     fs.save_npz(fs.join(out_dir, "samples.npz"), images=u8, samples=x, **extra)
     fs.write_json(fs.join(out_dir, SETTINGS_FILE),
-                  settings_report(config, sampler, step, "sample", labels, names))
+                  settings_report(config, sampler.plan, step, "sample", labels, names))
     if frames is not None:
       n = min(len(u8), 16, frames.shape[2])
       for which, name in ((0, "denoise.gif"), (1, "denoise_x0.gif")):
@@ -230,7 +230,7 @@ def interpolate_and_save(config, workdir: str, num_pairs: int = 4, num_points: i
     _save_strips(out_dir, images.to_uint8(x), num_pairs, num_points,
                  images.display_scale(config.data.image_size), weights=w)
     fs.write_json(fs.join(out_dir, SETTINGS_FILE),
-                  settings_report(config, sampler, step, "interpolate", **extra))
+                  settings_report(config, sampler.plan, step, "interpolate", **extra))
   return out_dir
 
 
@@ -250,7 +250,7 @@ def reconstruct_and_save(config, workdir: str) -> str:
   rec = sampler.run(params, x_T)
   orig_u8, rec_u8 = images.to_uint8(x0), images.to_uint8(rec)
   mse = float(np.mean((orig_u8.astype(np.float64) - rec_u8) ** 2))
-  report = {"num_steps": config.sampling.num_steps, "num_images": len(x0),
+  report = {"num_steps": sampler.plan.num_steps, "num_images": len(x0),
             "mse_uint8": mse, "psnr_db": float(10 * np.log10(255.0**2 / max(mse, 1e-10))),
             "x_T_std": float(x_T.std())}
   if parallel.is_main():
@@ -260,7 +260,7 @@ def reconstruct_and_save(config, workdir: str) -> str:
       images.save_png(fs.join(out_dir, f"{name}.png"), images.make_grid(arr), scale=scale)
     fs.write_json(fs.join(out_dir, "error.json"), report)
     fs.write_json(fs.join(out_dir, SETTINGS_FILE),
-                  settings_report(config, sampler, step, "reconstruct"))
+                  settings_report(config, sampler.plan, step, "reconstruct"))
     logging.info("reconstruction with %d steps: PSNR %.2f dB", report["num_steps"],
                  report["psnr_db"])
   return out_dir
@@ -362,8 +362,7 @@ def inpaint_and_save(config, workdir: str) -> str:
   orig = load_inputs(files, config.data.image_size)
   mask = np.broadcast_to(load_masks(config, files), orig.shape[:3] + (1,)).astype(np.float32)
   labels, names = _labels(config, model, workdir, len(orig))
-  sampler = Sampler(config, model, schedule,
-                    resample_steps=int(config_lib.setting(config, "sampling.resample_steps")))
+  sampler = Sampler(config, model, schedule, generate.plan_for(config, schedule, inpaint=True))
   x_T = np.asarray(sampler.noise(s.seed, np.arange(len(orig))))
   known = images.to_float(orig)
   mask_c = np.broadcast_to(mask, orig.shape)
@@ -384,8 +383,9 @@ def inpaint_and_save(config, workdir: str) -> str:
     extra = {} if labels is None else {"labels": labels}
     fs.save_npz(fs.join(out_dir, "inpaint.npz"), originals=orig, masks=mask[..., 0] > 0.5,
                 results=res_u8, samples=result, **extra)
-    report = settings_report(config, sampler, step, "inpaint", labels, names)
-    report.update(inputs=files, mask=s.mask_dir or s.mask, resample_steps=int(s.resample_steps))
+    report = settings_report(config, sampler.plan, step, "inpaint", labels, names)
+    report.update(inputs=files, mask=s.mask_dir or s.mask,
+                  resample_steps=sampler.plan.resample_steps)
     fs.write_json(fs.join(out_dir, SETTINGS_FILE), report)
     logging.info("inpainted %d images into %s", len(orig), out_dir)
   return out_dir
@@ -411,7 +411,7 @@ def img2img_and_save(config, workdir: str) -> str:
   labels, names = _labels(config, model, workdir, len(orig))
   t = generate.snap_to_grid(config, schedule.num_timesteps,
                             t_start_of(s.strength, schedule.num_timesteps))
-  sampler = Sampler(config, model, schedule, t_start=t)
+  sampler = Sampler(config, model, schedule, generate.plan_for(config, schedule, t_start=t))
   noise = np.asarray(sampler.noise(s.seed, np.arange(len(orig))))
   x_t = np.asarray(diffusion.q_sample(schedule, images.to_float(orig),
                                       np.full(len(orig), t, np.int32), noise))
@@ -428,7 +428,7 @@ def img2img_and_save(config, workdir: str) -> str:
     extra = {} if labels is None else {"labels": labels}
     fs.save_npz(fs.join(out_dir, "img2img.npz"), inputs=orig, results=res_u8, samples=result,
                 **extra)
-    report = settings_report(config, sampler, step, "img2img", labels, names)
+    report = settings_report(config, sampler.plan, step, "img2img", labels, names)
     report.update(inputs=files, strength=float(s.strength), t_start=t)
     fs.write_json(fs.join(out_dir, SETTINGS_FILE), report)
     logging.info("img2img of %d images (t = %d) into %s", len(orig), t, out_dir)
@@ -458,7 +458,7 @@ def interpolate_images_and_save(config, workdir: str, num_points: int = 9) -> st
   if parallel.is_main():
     _save_strips(out_dir, images.to_uint8(x), len(files) // 2, num_points,
                  images.display_scale(config.data.image_size), weights=w, inputs=orig)
-    report = settings_report(config, sampler, step, "interpolate_images",
+    report = settings_report(config, sampler.plan, step, "interpolate_images",
                              num_points=num_points)
     report.update(inputs=files)
     fs.write_json(fs.join(out_dir, SETTINGS_FILE), report)

@@ -1,19 +1,27 @@
-"""Samplers: DDPM ancestral, DDIM and DPM-Solver++(2M), each one ``lax.scan`` under ``jit``.
+"""The sampling math: a ``Plan`` (what to run) and the samplers' steps, one ``lax.scan``.
 
-Every sampler takes ``eps_fn(x_t, t) -> eps``: any function of the noisy batch and
-an int32 array ``t`` of shape (B,) with values in [0, T). The model (through
-``generate.make_eps_fn``, with classifier-free guidance by ``guided_eps_fn``) and
-analytic denoisers in tests are both such functions. Every sampler can also start
-from an intermediate timestep (image-to-image) and keep known pixels (inpainting).
+A ``Plan`` is frozen data: the sampler, the timesteps it calls the model at (from
+``ddpm_jax.timesteps``), eta, DDPM's variance, clipping, guidance, RePaint resampling
+and recorded frames. ``sample(plan, eps_fn, schedule, x_T, key)`` runs it; reports of
+what ran are written from the same plan (``Plan.report``). ``generate.plan_for`` builds
+the plan of a config; ``make_plan`` builds one from plain arguments.
 
-``eps_fn`` is a static argument of the jitted samplers: pass the same function
-object to reuse the compiled sampler. To sample from a model with changing
-parameters without re-tracing, call the sampler inside your own ``jit``/``pmap``
-with the parameters as an argument (see ``ddpm_jax.generate.Sampler``).
+Samplers: DDPM ancestral, DDIM and DPM-Solver++(2M). Every one takes
+``eps_fn(x_t, t) -> eps``: any function of the noisy batch and an int32 array ``t`` of
+shape (B,) with values in [0, T). The model (through ``generate.make_eps_fn``, with
+classifier-free guidance by ``guided_eps_fn``) and analytic denoisers in tests are both
+such functions. Every sampler can also start from an intermediate timestep
+(image-to-image) and keep known pixels (inpainting).
+
+``eps_fn`` and the plan are static arguments of the jitted ``sample``: pass the same
+function object to reuse the compiled sampler. To sample from a model with changing
+parameters without re-tracing, call ``sample`` inside your own ``jit``/``pmap`` with the
+parameters as an argument (see ``ddpm_jax.generate.Sampler``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -22,13 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion
+from ddpm_jax import timesteps as timesteps_lib
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.timesteps import SPACINGS, distilled_grid  # noqa: F401  (re-exported)
+from ddpm_jax.timesteps import spaced as timestep_sequence  # noqa: F401  (re-exported)
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
-SPACINGS = ("uniform", "trailing", "quadratic", "logsnr")
-AUTO_SPACING = "auto"  # uniform for DDPM/DDIM, logsnr for DPM-Solver++
+AUTO_SPACING = "auto"  # uniform for DDPM/DDIM, logsnr for the multistep solvers
 SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
+MULTISTEP = ("dpm_solver++",)  # keep a history of model outputs: no RePaint resampling
 ALIASES = {"dpm_solver_pp": "dpm_solver++"}  # names accepted for SAMPLERS (shell-friendly)
+VARIANCES = ("small", "large")
 
 
 def canonical_sampler(name: str) -> str:
@@ -41,93 +53,122 @@ def canonical_sampler(name: str) -> str:
 
 
 def check_resampling(sampler: str, resample_steps: int) -> None:
-  """RePaint resampling needs a one-step sampler: ConfigError for DPM-Solver++ (multistep)."""
-  if canonical_sampler(sampler) == "dpm_solver++" and resample_steps != 1:
-    raise ConfigError("sampling.sampler=dpm_solver++ is multistep: inpainting with it needs "
+  """RePaint resampling needs a one-step sampler: ConfigError for a multistep one."""
+  sampler = canonical_sampler(sampler)
+  if sampler in MULTISTEP and resample_steps != 1:
+    raise ConfigError(f"sampling.sampler={sampler} is multistep: inpainting with it needs "
                       "--config.sampling.resample_steps=1 (or use the ddpm or ddim sampler "
                       "for RePaint resampling)")
 
 
-def timestep_sequence(num_timesteps: int, num_steps: int, spacing: str = "uniform",
-                      alphas_cumprod: np.ndarray | None = None) -> np.ndarray:
-  """Decreasing distinct timesteps in [0, T) at which a respaced sampler calls the model.
+def resolve_spacing(sampler: str, spacing: str) -> str:
+  """``"auto"`` is "logsnr" for the multistep solvers and "uniform" for DDPM/DDIM."""
+  if spacing == AUTO_SPACING:
+    return "logsnr" if canonical_sampler(sampler) in MULTISTEP else "uniform"
+  return spacing
 
-  Every spacing starts at T-1 (the level of the sampler's input: pure noise, or the
-  noised image of image-to-image), for every ``num_steps`` >= 1; a single step is T-1
-  alone.
-  uniform: ``linspace(0, T-1, S)`` rounded, ending at t=0.
-  trailing: ``round(arange(T, 0, -T/S)) - 1`` (Lin et al. 2024).
-  quadratic: ``(T-1) linspace(0, 1, S) ** 2``, dense near t=0 (DDIM's spacing for small
-    images, stretched from DDIM's [0, 0.8 T] to [0, T-1]).
-  logsnr: uniform in log-SNR between t=T-1 and t=0 (Lu et al. 2022); needs
-    ``alphas_cumprod``. Best for DPM-Solver++.
-  Where rounding repeats a timestep, later ones are moved up by one.
+
+# ------------------------------------------------------------------ the plan
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """One sampler run, as data (hashable: a static argument of the jitted ``sample``).
+
+  sampler: a name of SAMPLERS. timesteps: the model's calls, decreasing; the input x is
+  at ``timesteps[0]`` (T-1, or image-to-image's t_start) and the last step lands on the
+  data. spacing: the rule that chose them (for reports; DDPM takes every step whatever
+  it says). distilled: the timesteps are a distilled student's own grid. eta: DDIM's
+  noise (0 deterministic). variance: DDPM's, "small" or "large". clip_x0: clip the
+  predicted x0 to [-1, 1]. guidance_scale: classifier-free guidance of a labelled model
+  (read by ``generate.make_eps_fn``). resample_steps: RePaint jumps per step when known
+  pixels are given. num_frames: (x_t, x0) frames recorded along the way (0: none).
   """
-  if not 1 <= num_steps <= num_timesteps:
-    raise ConfigError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
-  top = num_timesteps - 1
-  if spacing == "uniform":
-    ts = np.round(np.linspace(0, top, num_steps) if num_steps > 1 else np.full(1, top))
-  elif spacing == "trailing":
-    ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)) - 1
-  elif spacing == "quadratic":
-    ts = np.round(top * np.linspace(1.0, 0.0, num_steps) ** 2)
-  elif spacing == "logsnr":
-    if alphas_cumprod is None:
-      raise ConfigError("logsnr spacing needs the schedule's alphas_cumprod")
-    lam = 0.5 * np.log(alphas_cumprod / (1.0 - alphas_cumprod))  # decreasing in t
-    targets = np.linspace(lam[-1], lam[0], num_steps)
-    ts = np.searchsorted(-lam, -targets).clip(0, top)
+  sampler: str
+  timesteps: tuple[int, ...]
+  spacing: str = "uniform"
+  distilled: bool = False
+  eta: float = 0.0
+  variance: str = "small"
+  clip_x0: bool = False
+  guidance_scale: float = 1.0
+  resample_steps: int = 1
+  num_frames: int = 0
+
+  def __post_init__(self):
+    if self.sampler != canonical_sampler(self.sampler):
+      raise ConfigError(f"a plan takes the canonical name {canonical_sampler(self.sampler)!r}")
+    timesteps_lib.checked(self.timesteps)
+    if self.variance not in VARIANCES:
+      raise ConfigError(f"variance must be 'small' or 'large', got {self.variance!r}")
+    if self.resample_steps < 1:
+      raise ConfigError(f"resample_steps={self.resample_steps} must be >= 1")
+    check_resampling(self.sampler, self.resample_steps)
+
+  @property
+  def num_steps(self) -> int:
+    return len(self.timesteps)
+
+  @property
+  def t_start(self) -> int:
+    return self.timesteps[0]
+
+  def report(self) -> dict:
+    """What runs, for sampling.json and eval reports (written from this plan only)."""
+    return {"sampler": self.sampler, "spacing": self.spacing, "eta": float(self.eta),
+            "clip_x0": bool(self.clip_x0), "num_steps": self.num_steps,
+            "timesteps": [int(t) for t in self.timesteps]}
+
+
+def make_plan(sampler: str, schedule: diffusion.Schedule, *, num_steps: int = 50,
+              spacing: str = AUTO_SPACING, t_start: int | None = None, timesteps=None,
+              **options) -> Plan:
+  """The plan of ``sampler`` on ``schedule``: its timesteps from ``num_steps`` and
+  ``spacing`` ("auto": ``resolve_spacing``) over [0, t_start] (default T-1; DDPM: every
+  step from t_start), or exactly ``timesteps`` (DDIM only: a distilled student's grid).
+  ``options`` are the other fields of ``Plan`` (eta, variance, clip_x0, ...)."""
+  sampler = canonical_sampler(sampler)
+  spacing = resolve_spacing(sampler, spacing)
+  if timesteps is not None:
+    if sampler != "ddim":
+      raise ConfigError(f"explicit timesteps are a DDIM grid; sampler {sampler!r} takes none")
+    ts = timesteps_lib.checked(timesteps)
+  elif sampler == "ddpm":
+    ts = timesteps_lib.every_step(schedule.num_timesteps - 1 if t_start is None else t_start)
   else:
-    raise ConfigError(f"unknown timestep spacing {spacing!r}; choose one of {SPACINGS}")
-  ts = np.sort(ts.astype(np.int64))
-  for i in range(1, len(ts)):  # rounding can repeat a step at the dense end: bump it
-    ts[i] = max(ts[i], ts[i - 1] + 1)
-  ts = np.minimum(ts, top - np.arange(len(ts))[::-1])  # and keep < T
-  assert ts[-1] == top, (spacing, num_timesteps, num_steps, ts)  # the first call sees x_T
-  return ts[::-1].astype(np.int32)
+    ts = timesteps_lib.respaced(schedule.alphas_cumprod_np(), num_steps, spacing, t_start)
+  return Plan(sampler, tuple(int(t) for t in ts), spacing, **options)
 
 
-def distilled_grid(num_timesteps: int, num_steps: int) -> np.ndarray:
-  """The ``num_steps`` + 1 levels of a distilled sampler (progressive distillation,
-  Salimans & Ho 2022): the trailing timesteps from T-1 down, then -1 (the data). Evenly
-  spaced in t with both ends kept, so the grid of N/2 steps is every other level of N's:
-  a student's step is two of its teacher's."""
-  return np.append(timestep_sequence(num_timesteps, num_steps, "trailing"), -1).astype(np.int32)
+def timesteps_used(sampler: str, schedule: diffusion.Schedule, num_steps: int,
+                   spacing: str = AUTO_SPACING, t_start: int | None = None,
+                   timesteps: tuple[int, ...] | None = None) -> np.ndarray:
+  """The timesteps at which ``sample`` calls the model, in order (``make_plan``'s)."""
+  plan = make_plan(sampler, schedule, num_steps=num_steps, spacing=spacing, t_start=t_start,
+                   timesteps=timesteps)
+  return np.asarray(plan.timesteps, np.int32)
 
+
+# ------------------------------------------------------------------ shared pieces
 
 def _tvec(x, t):
   return jnp.full((x.shape[0],), t, jnp.int32)
 
 
-def _frame_slots(num_steps: int, num_frames: int) -> np.ndarray:
-  """For each step, the trajectory slot to record into (num_frames = a dummy slot)."""
-  slots = np.full((num_steps,), num_frames, np.int32)
-  if num_frames:
-    record_at = np.round(np.linspace(0, num_steps - 1, num_frames)).astype(int)
-    slots[record_at] = np.arange(num_frames)
-  return slots
+def _alpha_bar(schedule, t, ndim: int):
+  """alpha_bar at t (a scalar or one per example; -1 = the data), shaped to broadcast
+  against an array of ``ndim`` dimensions."""
+  t = jnp.asarray(t)
+  return diffusion.alpha_bar_at(schedule, t).reshape(t.shape + (1,) * (ndim - t.ndim))
 
 
-def _scan_with_frames(step_fn, carry, xs, x_T, num_steps, num_frames):
-  """Runs ``step_fn`` over ``xs`` and records (x_t, x0_pred) into ``num_frames`` slots.
-
-  Non-recorded steps write into a spare slot, so recording costs no branch.
-  """
-  frames = jnp.zeros((num_frames + 1, 2) + x_T.shape, x_T.dtype) if num_frames else None
-  slots = jnp.asarray(_frame_slots(num_steps, num_frames))
-
-  def body(state, inp):
-    carry, frames = state
-    step_inp, slot = inp
-    carry, (x_next, x0_pred) = step_fn(carry, step_inp)
-    if frames is not None:
-      frames = jax.lax.dynamic_update_index_in_dim(
-          frames, jnp.stack([x_next, x0_pred]), slot, 0)
-    return (carry, frames), None
-
-  (carry, frames), _ = jax.lax.scan(body, (carry, frames), (xs, slots))
-  return carry, (frames[:num_frames] if num_frames else None)
+def ddim_step(schedule: diffusion.Schedule, x0, eps, t_to, sigma=0.0, noise=None):
+  """DDIM (Song et al. 2021, eq. 12) to level ``t_to`` (a scalar or one per example; -1 =
+  the data) from a prediction (x0, eps): sqrt(ab) x0 + sqrt(1 - ab - sigma^2) eps, plus
+  ``sigma * noise`` when noise is given. sigma = 0 is the deterministic update that
+  sampling, DDIM inversion and distillation's teacher all take."""
+  ab = _alpha_bar(schedule, t_to, x0.ndim)
+  out = jnp.sqrt(ab) * x0 + jnp.sqrt(jnp.maximum(1 - ab - sigma**2, 0.0)) * eps
+  return out if noise is None else out + sigma * noise
 
 
 def pred_x0_eps(eps_fn, schedule, x, t, clip_x0):
@@ -162,9 +203,41 @@ def _keep_known(schedule, x_prev, t_prev, known, mask, key):
   return mask * noisy + (1.0 - mask) * x_prev
 
 
-def _run_stateless(step, schedule, ts, ts_prev, x_T, key, known, mask, resample_steps,
-                   num_frames):
-  """Runs ``step(x_t, t, t_prev, key) -> (x_prev, x0)`` over (ts, ts_prev) in one scan.
+# ------------------------------------------------------------------ the runner
+
+def _frame_slots(num_steps: int, num_frames: int) -> np.ndarray:
+  """For each step, the trajectory slot to record into (num_frames = a dummy slot)."""
+  slots = np.full((num_steps,), num_frames, np.int32)
+  if num_frames:
+    record_at = np.round(np.linspace(0, num_steps - 1, num_frames)).astype(int)
+    slots[record_at] = np.arange(num_frames)
+  return slots
+
+
+def _scan(body, carry, xs, x_T, num_frames: int):
+  """The one ``lax.scan`` of every sampler: ``body(carry, step_inputs) -> (carry, (x_next,
+  x0_pred))`` over ``xs`` (one row a step), recording (x_next, x0_pred) into
+  ``num_frames`` slots spread over the steps. Steps not recorded write into a spare slot,
+  so recording costs no branch. Returns (carry, frames or None)."""
+  num_steps = len(jax.tree_util.tree_leaves(xs)[0])
+  frames = jnp.zeros((num_frames + 1, 2) + x_T.shape, x_T.dtype) if num_frames else None
+  slots = jnp.asarray(_frame_slots(num_steps, num_frames))
+
+  def scan_body(state, inp):
+    carry, frames = state
+    step_inp, slot = inp
+    carry, (x_next, x0_pred) = body(carry, step_inp)
+    if frames is not None:
+      frames = jax.lax.dynamic_update_index_in_dim(
+          frames, jnp.stack([x_next, x0_pred]), slot, 0)
+    return (carry, frames), None
+
+  (carry, frames), _ = jax.lax.scan(scan_body, (carry, frames), (xs, slots))
+  return carry, (frames[:num_frames] if num_frames else None)
+
+
+def _one_step_body(step, schedule, key, known, mask, resample_steps: int):
+  """The scan body of a one-step sampler ``step(x_t, t, t_prev, key) -> (x_prev, x0)``.
 
   Step t's key is ``fold_in(key, t)``. With ``known``/``mask``, the known region of every
   x_prev is re-noised from the known image. With ``resample_steps`` U > 1 (RePaint,
@@ -196,116 +269,54 @@ def _run_stateless(step, schedule, ts, ts_prev, x_T, key, known, mask, resample_
 
     _, x_prev, x0 = jax.lax.fori_loop(0, resample_steps, again, (x, x, jnp.zeros_like(x)))
     return x_prev, (x_prev, x0)
-
-  return _scan_with_frames(body, x_T, (jnp.asarray(ts), jnp.asarray(ts_prev)), x_T, len(ts),
-                           num_frames)
+  return body
 
 
-def _respaced(schedule, num_steps, spacing, t_start, timesteps=None):
-  """(ts, ts_prev) of a sampler starting at ``t_start`` (default T-1), ending at -1 (data);
-  ``timesteps`` given (a distilled model's own grid), exactly those."""
-  if timesteps is not None:
-    ts = np.asarray(timesteps, np.int32)
-    if len(ts) < 1 or np.any(np.diff(ts) >= 0) or ts[-1] < 0:
-      raise ConfigError(f"timesteps must be decreasing and >= 0, got {list(ts)}")
-  else:
-    n = schedule.num_timesteps if t_start is None else t_start + 1
-    ts = timestep_sequence(n, num_steps, spacing, schedule.alphas_cumprod_np()[:n])
-  return ts, np.append(ts[1:], -1).astype(np.int32)
+# ------------------------------------------------------------------ the samplers' steps
 
-
-@functools.partial(jax.jit, static_argnames=("eps_fn", "variance", "clip_x0", "num_frames",
-                                             "t_start", "resample_steps"))
-def ddpm_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.Array, key: jax.Array,
-                variance: str = "small", clip_x0: bool = False, num_frames: int = 0,
-                t_start: int | None = None, known=None, mask=None, resample_steps: int = 1):
-  """Ancestral sampling (Ho et al. 2020, Algorithm 2) over all T steps.
-
-  Args:
-    eps_fn: the denoiser, ``eps_fn(x_t, t) -> eps``.
-    schedule: the diffusion schedule.
-    x_T: the starting noise, (B, ...) (or x at ``t_start``).
-    key: PRNG key; step t uses ``fold_in(key, t)``.
-    variance: "small" (posterior variance beta-tilde) or "large" (beta_t).
-    clip_x0: clip the predicted x0 to [-1, 1] before the posterior mean.
-    num_frames: if > 0, also return ``(num_frames, 2, *x_T.shape)`` frames of
-      (x_t, predicted x0) spread evenly over the trajectory.
-    t_start: start from this timestep instead of T-1 (image-to-image: ``x_T`` is then
-      ``q_sample(x0, t_start, noise)``).
-    known, mask: inpainting: an image (B, ...) and a 0/1 mask of the pixels to keep.
-    resample_steps: RePaint jumps per step (needs ``known``).
-
-  Returns:
-    x_0, or (x_0, frames) when num_frames > 0.
-  """
-  T = schedule.num_timesteps
-  log_var_table = ddpm_log_variance(schedule, variance)
+def _ddpm_step(plan, eps_fn, schedule, eta):
+  """Ancestral sampling (Ho et al. 2020, Algorithm 2): the posterior mean plus noise of
+  the plan's variance ("small": beta-tilde_t, "large": beta_t), none at t = 0."""
+  del eta  # DDPM's noise is its variance's
+  log_var_table = ddpm_log_variance(schedule, plan.variance)
 
   def step(x, t, t_prev, k):
-    x0, _ = pred_x0_eps(eps_fn, schedule, x, t, clip_x0)
+    x0, _ = pred_x0_eps(eps_fn, schedule, x, t, plan.clip_x0)
     mean, _, _ = diffusion.q_posterior(schedule, x0, x, _tvec(x, t))
     noise = jax.random.normal(k, x.shape, x.dtype)
     std = jnp.where(t > 0, jnp.exp(0.5 * log_var_table[t]), 0.0).astype(x.dtype)
     return mean + std * noise, x0
-
-  start = T - 1 if t_start is None else t_start
-  ts = np.arange(start, -1, -1, dtype=np.int32)
-  x0, frames = _run_stateless(step, schedule, ts, ts - 1, x_T, key, known, mask,
-                              resample_steps, num_frames)
-  return (x0, frames) if num_frames else x0
+  return step
 
 
-@functools.partial(jax.jit, static_argnames=("eps_fn", "num_steps", "spacing", "clip_x0",
-                                             "num_frames", "t_start", "resample_steps",
-                                             "timesteps"))
-def ddim_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.Array, key: jax.Array,
-                num_steps: int = 50, eta: float = 0.0, spacing: str = "uniform",
-                clip_x0: bool = False, num_frames: int = 0, t_start: int | None = None,
-                known=None, mask=None, resample_steps: int = 1,
-                timesteps: tuple[int, ...] | None = None):
-  """DDIM (Song et al. 2021, eq. 12) on a respaced sequence of ``num_steps`` timesteps.
-
-  eta=0 is the deterministic sampler; eta=1 with all T steps is DDPM with the
-  posterior ("small") variance. The last step goes to alpha_bar = 1 (clean data).
-  Other arguments and the return value are as for ``ddpm_sample`` (with ``t_start``
-  the steps are spread over [0, t_start]). ``timesteps`` (a tuple, decreasing) replaces
-  ``num_steps``/``spacing``/``t_start``: the model is called at exactly those (a distilled
-  student's grid; ``x_T`` is x at the first of them).
-  """
-  ts, ts_prev = _respaced(schedule, num_steps, spacing, t_start, timesteps)
-
+def _ddim_step(plan, eps_fn, schedule, eta):
+  """DDIM (Song et al. 2021, eq. 12) between the plan's levels: eta = 0 deterministic;
+  eta = 1 with all T steps is DDPM with the posterior ("small") variance. ``eta`` is
+  ``plan.eta`` as a traced float32 (so the arithmetic is the same for every eta)."""
   def step(x, t, t_prev, k):
-    x0, eps = pred_x0_eps(eps_fn, schedule, x, t, clip_x0)
+    x0, eps = pred_x0_eps(eps_fn, schedule, x, t, plan.clip_x0)
     ab, ab_prev = diffusion.alpha_bar_at(schedule, t), diffusion.alpha_bar_at(schedule, t_prev)
     sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
-    dir_coef = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma**2, 0.0))
     noise = jax.random.normal(k, x.shape, x.dtype)
-    return (jnp.sqrt(ab_prev) * x0 + dir_coef * eps + sigma * noise).astype(x.dtype), x0
-
-  x0, frames = _run_stateless(step, schedule, ts, ts_prev, x_T, key, known, mask,
-                              resample_steps, num_frames)
-  return (x0, frames) if num_frames else x0
+    return ddim_step(schedule, x0, eps, t_prev, sigma, noise).astype(x.dtype), x0
+  return step
 
 
-@functools.partial(jax.jit, static_argnames=("eps_fn", "num_steps", "spacing", "clip_x0",
-                                             "num_frames", "t_start"))
-def dpm_solver_pp_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.Array,
-                         key: jax.Array = None, num_steps: int = 20, spacing: str = "logsnr",
-                         clip_x0: bool = False, num_frames: int = 0,
-                         t_start: int | None = None, known=None, mask=None):
+def _dpm_solver_pp(plan, eps_fn, schedule, key, known, mask):
   """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), the multistep data-prediction solver.
 
   With lambda = log(alpha / sigma) and h_i = lambda_i - lambda_{i-1}:
     x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (exp(-h_i) - 1) D_i,
     D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2},  r_i = h_{i-1} / h_i.
   The first step and the last step (to sigma = 0, the clean data) are first order,
-  which makes the last step identical to DDIM's. The default logsnr spacing matters:
-  with uniform spacing in t, the large log-SNR jumps near t=0 make 2M worse than
-  DDIM at 10-20 steps. Deterministic (``key`` only noises known pixels for
-  inpainting, which takes no resampling here: the multistep history would not survive
-  a jump back); coefficients are computed in float32 from the schedule.
+  which makes the last step identical to DDIM's. The logsnr spacing matters: with
+  uniform spacing in t, the large log-SNR jumps near t=0 make 2M worse than DDIM at
+  10-20 steps. Deterministic (``key`` only noises known pixels for inpainting, which
+  takes no resampling here: the multistep history would not survive a jump back);
+  coefficients are computed in float32 from the schedule. Returns (body, carry, xs).
   """
-  ts, ts_prev = _respaced(schedule, num_steps, spacing, t_start)
+  ts = np.asarray(plan.timesteps, np.int32)
+  ts_prev = timesteps_lib.targets(ts)
   last = ts_prev < 0  # the final step, to the clean data (sigma = 0)
   tp = np.maximum(ts_prev, 0)
   ac = schedule.alphas_cumprod
@@ -318,10 +329,10 @@ def dpm_solver_pp_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.A
   second_order = (np.arange(len(ts)) > 0) & ~last
   w_prev = jnp.where(second_order, -0.5 / r, 0.0)
 
-  def step(carry, inp):
+  def body(carry, inp):
     x, x0_last = carry
     t, t_prev, a_prev, s_ratio, em1, wp = inp
-    x0, _ = pred_x0_eps(eps_fn, schedule, x, t, clip_x0)
+    x0, _ = pred_x0_eps(eps_fn, schedule, x, t, plan.clip_x0)
     d = (1.0 - wp) * x0 + wp * x0_last
     x_prev = (s_ratio * x - a_prev * em1 * d).astype(x.dtype)
     if known is not None:
@@ -329,35 +340,97 @@ def dpm_solver_pp_sample(eps_fn: EpsFn, schedule: diffusion.Schedule, x_T: jax.A
     return (x_prev, x0), (x_prev, x0)
 
   xs = (jnp.asarray(ts), jnp.asarray(ts_prev), alpha_prev, sigma_ratio, exp_m1, w_prev)
-  (x0, _), frames = _scan_with_frames(step, (x_T, jnp.zeros_like(x_T)), xs, x_T,
-                                      len(ts), num_frames)
-  return (x0, frames) if num_frames else x0
+  return body, lambda x_T: (x_T, jnp.zeros_like(x_T)), xs
 
 
-@functools.partial(jax.jit, static_argnames=("eps_fn", "num_steps", "spacing"))
-def ddim_invert(eps_fn: EpsFn, schedule: diffusion.Schedule, x0: jax.Array,
-                num_steps: int = 50, spacing: str = "uniform"):
-  """Deterministic DDIM run backwards (Song et al. 2021, sec. 4.3): data -> x_T.
+ONE_STEP = {"ddpm": _ddpm_step, "ddim": _ddim_step}
+MULTISTEP_SOLVERS = {"dpm_solver++": _dpm_solver_pp}
 
-  Visits the same timesteps as ``ddim_sample(..., num_steps, spacing)`` in reverse,
-  so ``ddim_sample(eta=0)`` of the result reconstructs x0 up to discretisation
-  error, which falls as ``num_steps`` grows. The model is evaluated at the start of
-  each step (at t=0 for the first step out of the data).
+
+@functools.partial(jax.jit, static_argnames=("plan", "eps_fn"))
+def _run(plan: Plan, eps_fn: EpsFn, schedule, x_T, key, known, mask, eta):
+  if plan.sampler in ONE_STEP:
+    ts = np.asarray(plan.timesteps, np.int32)
+    body = _one_step_body(ONE_STEP[plan.sampler](plan, eps_fn, schedule, eta), schedule, key,
+                          known, mask, plan.resample_steps)
+    xs, carry = (jnp.asarray(ts), jnp.asarray(timesteps_lib.targets(ts))), x_T
+  else:
+    body, init, xs = MULTISTEP_SOLVERS[plan.sampler](plan, eps_fn, schedule, key, known, mask)
+    carry = init(x_T)
+  carry, frames = _scan(body, carry, xs, x_T, plan.num_frames)
+  x0 = carry[0] if isinstance(carry, tuple) else carry
+  return (x0, frames) if plan.num_frames else x0
+
+
+def sample(plan: Plan | str, eps_fn: EpsFn, schedule: diffusion.Schedule, x_T, key=None, *,
+           known=None, mask=None, **plan_args):
+  """Runs ``plan`` from ``x_T`` (noise at ``plan.timesteps[0]``, or x there for
+  image-to-image); ``known``/``mask`` (an image and its 0/1 mask of pixels to keep) make
+  it inpainting. ``key`` draws the stochastic samplers' noise (step t: ``fold_in(key, t)``).
+
+  Returns x_0, or (x_0, frames) with ``plan.num_frames`` > 0: frames of (x_t, predicted
+  x0), shaped (num_frames, 2, *x_T.shape), spread evenly over the trajectory. A sampler's
+  name in place of the plan builds one with ``make_plan(name, schedule, **plan_args)``.
   """
-  ts = timestep_sequence(schedule.num_timesteps, num_steps, spacing,
-                         schedule.alphas_cumprod_np())[::-1]
+  if isinstance(plan, str):
+    plan = make_plan(plan, schedule, **plan_args)
+  elif plan_args:
+    raise TypeError(f"sample() got a plan and plan arguments {sorted(plan_args)}")
+  if key is None:
+    key = jax.random.key(0)  # deterministic samplers without known pixels draw nothing
+  return _run(plan, eps_fn, schedule, x_T, key, known, mask, jnp.float32(plan.eta))
+
+
+def ddpm_sample(eps_fn: EpsFn, schedule, x_T, key, **plan_args):
+  """``sample`` with a DDPM plan (``make_plan("ddpm", ...)``: every step)."""
+  known, mask = plan_args.pop("known", None), plan_args.pop("mask", None)
+  return sample("ddpm", eps_fn, schedule, x_T, key, known=known, mask=mask, **plan_args)
+
+
+def ddim_sample(eps_fn: EpsFn, schedule, x_T, key, num_steps: int = 50, **plan_args):
+  """``sample`` with a DDIM plan (spacing "uniform" by default)."""
+  known, mask = plan_args.pop("known", None), plan_args.pop("mask", None)
+  return sample("ddim", eps_fn, schedule, x_T, key, known=known, mask=mask,
+                num_steps=num_steps, **plan_args)
+
+
+def dpm_solver_pp_sample(eps_fn: EpsFn, schedule, x_T, key=None, num_steps: int = 20,
+                         **plan_args):
+  """``sample`` with a DPM-Solver++(2M) plan (spacing "logsnr" by default)."""
+  known, mask = plan_args.pop("known", None), plan_args.pop("mask", None)
+  return sample("dpm_solver++", eps_fn, schedule, x_T, key, known=known, mask=mask,
+                num_steps=num_steps, **plan_args)
+
+
+@functools.partial(jax.jit, static_argnames=("eps_fn", "timesteps"))
+def _invert(eps_fn, schedule, x0, timesteps):
+  ts = np.asarray(timesteps, np.int32)[::-1]
   ts_from = np.append(-1, ts[:-1]).astype(np.int32)
 
   def step(x, inp):
     t_from, t_to = inp
     eps = eps_fn(x, _tvec(x, jnp.maximum(t_from, 0))).astype(x.dtype)
     ab_from = diffusion.alpha_bar_at(schedule, t_from)
-    ab_to = diffusion.alpha_bar_at(schedule, t_to)
     x0_pred = (x - jnp.sqrt(1 - ab_from) * eps) / jnp.sqrt(ab_from)
-    return (jnp.sqrt(ab_to) * x0_pred + jnp.sqrt(1 - ab_to) * eps).astype(x.dtype), None
+    return ddim_step(schedule, x0_pred, eps, t_to).astype(x.dtype), None
 
-  x_T, _ = jax.lax.scan(step, x0, (jnp.asarray(ts_from), jnp.asarray(ts.astype(np.int32))))
+  x_T, _ = jax.lax.scan(step, x0, (jnp.asarray(ts_from), jnp.asarray(ts)))
   return x_T
+
+
+def ddim_invert(eps_fn: EpsFn, schedule: diffusion.Schedule, x0: jax.Array,
+                num_steps: int = 50, spacing: str = "uniform", *, plan: Plan | None = None):
+  """Deterministic DDIM run backwards (Song et al. 2021, sec. 4.3): data -> x at the
+  plan's first level (default: a DDIM plan of ``num_steps``/``spacing``).
+
+  Visits the plan's timesteps in reverse, so sampling that plan deterministically from
+  the result reconstructs x0 up to discretisation error, which falls as the steps grow.
+  The model is evaluated at the start of each step (at t=0 for the first step out of
+  the data); each step is ``ddim_step``.
+  """
+  if plan is None:
+    plan = make_plan("ddim", schedule, num_steps=num_steps, spacing=spacing)
+  return _invert(eps_fn, schedule, x0, plan.timesteps)
 
 
 def slerp(a: jax.Array, b: jax.Array, w: jax.Array) -> jax.Array:
@@ -392,51 +465,3 @@ def guided_eps_fn(cond_eps_fn: Callable, labels, null_label: int, scale: float,
   return eps_fn
 
 
-def resolve_spacing(sampler: str, spacing: str) -> str:
-  """``"auto"`` is "logsnr" for DPM-Solver++ and "uniform" for DDPM/DDIM."""
-  if spacing == AUTO_SPACING:
-    return "logsnr" if canonical_sampler(sampler) == "dpm_solver++" else "uniform"
-  return spacing
-
-
-def timesteps_used(sampler: str, schedule: diffusion.Schedule, num_steps: int,
-                   spacing: str = AUTO_SPACING, t_start: int | None = None,
-                   timesteps: tuple[int, ...] | None = None) -> np.ndarray:
-  """The timesteps at which ``sample(sampler, ...)`` calls the model, in order."""
-  if timesteps is not None:
-    return np.asarray(timesteps, np.int32)
-  if canonical_sampler(sampler) == "ddpm":
-    start = schedule.num_timesteps - 1 if t_start is None else t_start
-    return np.arange(start, -1, -1, dtype=np.int32)
-  return _respaced(schedule, num_steps, resolve_spacing(sampler, spacing), t_start)[0]
-
-
-def sample(sampler: str, eps_fn: EpsFn, schedule: diffusion.Schedule, x_T, key, *,
-           num_steps: int = 50, eta: float = 0.0, spacing: str = AUTO_SPACING,
-           variance: str = "small", clip_x0: bool = False, num_frames: int = 0,
-           t_start: int | None = None, known=None, mask=None, resample_steps: int = 1,
-           timesteps: tuple[int, ...] | None = None):
-  """Dispatches to the sampler named ``sampler`` (one of SAMPLERS).
-
-  spacing "auto" is "uniform" for DDIM and "logsnr" for DPM-Solver++. ``t_start``
-  (image-to-image), ``known``/``mask`` (inpainting) and ``resample_steps`` are as for
-  ``ddpm_sample``; DPM-Solver++ takes no resampling. ``timesteps``: DDIM only, see
-  ``ddim_sample``.
-  """
-  sampler = canonical_sampler(sampler)
-  spacing = resolve_spacing(sampler, spacing)
-  if timesteps is not None and sampler != "ddim":
-    raise ConfigError(f"explicit timesteps are a DDIM grid; sampler {sampler!r} takes none")
-  if sampler == "ddpm":
-    return ddpm_sample(eps_fn, schedule, x_T, key, variance=variance, clip_x0=clip_x0,
-                       num_frames=num_frames, t_start=t_start, known=known, mask=mask,
-                       resample_steps=resample_steps)
-  if sampler == "ddim":
-    return ddim_sample(eps_fn, schedule, x_T, key, num_steps=num_steps, eta=eta,
-                       spacing=spacing, clip_x0=clip_x0, num_frames=num_frames,
-                       t_start=t_start, known=known, mask=mask, resample_steps=resample_steps,
-                       timesteps=timesteps)
-  check_resampling(sampler, resample_steps)
-  return dpm_solver_pp_sample(eps_fn, schedule, x_T, key, num_steps=num_steps, spacing=spacing,
-                              clip_x0=clip_x0, num_frames=num_frames, t_start=t_start,
-                              known=known, mask=mask)

@@ -265,8 +265,8 @@ def test_img2img_one_step_is_the_exact_posterior_mean_at_t_start(schedule, stren
   0.02 and 50 steps): the model is called once, at t_start, and the result is the exact
   E[x0 | x_t] of Gaussian data at that level. A sampler that ignores t_start (starts at
   T-1) or starts elsewhere (2 t_start) gives another shrinkage."""
-  from ddpm_jax.generate import steps_from
   from ddpm_jax.modes import t_start_of
+  from ddpm_jax.timesteps import steps_from
   mean, std = 0.3, 0.5
   eps_fn = analytic.gaussian_eps_fn(schedule, mean, std)
   t = t_start_of(strength, 1000)
@@ -337,8 +337,8 @@ def test_timesteps_of_a_shortened_run():
   ts = sampling.timesteps_used("ddim", sched, 5, "uniform", t_start=49)
   assert ts[0] == 49 and ts[-1] == 0 and len(ts) == 5
   # Any strength > 0 takes at least one step, at its t_start, with every sampler and spacing.
-  from ddpm_jax.generate import steps_from
   from ddpm_jax.modes import t_start_of
+  from ddpm_jax.timesteps import steps_from
   for strength in (1e-9, 0.004, 0.01, 0.02, 0.05, 0.3):
     t = t_start_of(strength, 100)
     n = steps_from(5, t, 100)
@@ -504,10 +504,12 @@ def test_sampling_json_counts_every_step_ddpm_takes():
   config = tiny_config(**{"sampling.sampler": "ddpm", "sampling.num_steps": 5})
   model = models.create_model(config)
   sched = diffusion.make_schedule("linear", 100)
-  report = modes.settings_report(config, generate.Sampler(config, model, sched), 7, "sample")
+  report = modes.settings_report(config, generate.Sampler(config, model, sched).plan, 7,
+                                 "sample")
   assert report["num_steps"] == 100 == len(report["timesteps"])
   assert report["timesteps"] == list(range(99, -1, -1))
-  report = modes.settings_report(config, generate.Sampler(config, model, sched, t_start=29), 7,
+  plan = generate.plan_for(config, sched, t_start=29)
+  report = modes.settings_report(config, generate.Sampler(config, model, sched, plan).plan, 7,
                                  "img2img")
   assert report["num_steps"] == 30 and report["timesteps"][0] == 29
   assert report["settings"]["sampling"]["num_steps"] == 5  # and every setting is recorded

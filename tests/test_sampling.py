@@ -328,3 +328,23 @@ def test_slerp_endpoints_and_norm():
   m = sampling.slerp(big_a, big_b, jnp.full(2, 0.5))
   ratio = jnp.linalg.norm(m, axis=1) / jnp.linalg.norm(big_a, axis=1)
   assert mid.shape == a.shape and float(jnp.abs(ratio - 1).max()) < 0.1
+
+
+@pytest.mark.parametrize("sampler,kw", [("ddpm", dict(t_start=7)), ("ddim", dict(num_steps=4)),
+                                        ("ddim", dict(timesteps=(9, 5, 2))),
+                                        ("dpm_solver++", dict(num_steps=5, t_start=8))])
+def test_the_plan_reports_exactly_the_levels_the_model_is_called_at(sampler, kw):
+  """sampling.json is written from ``Plan.report``: the model must be called at those
+  timesteps, in that order, once each (a report computed apart from the run could differ)."""
+  sched = diffusion.make_schedule("cosine", 10)
+  plan = sampling.make_plan(sampler, sched, **kw)
+  seen = []
+
+  def eps_fn(x, t):
+    jax.debug.callback(lambda t: seen.append(int(t[0])), t, ordered=True)
+    return 0.1 * x
+
+  jax.block_until_ready(sampling.sample(plan, eps_fn, sched, x_T(0, 2), jax.random.key(0)))
+  jax.effects_barrier()
+  assert seen == plan.report()["timesteps"] == list(plan.timesteps)
+  assert plan.report()["num_steps"] == len(seen)
