@@ -133,6 +133,26 @@ def test_sample_without_a_checkpoint_is_one_clear_line(tmp_path):
   assert "error: no checkpoint in" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_the_console_entry_point_and_python_m_are_main_py():
+  """pyproject's ``ddpm-jax`` script and ``python -m ddpm_jax`` run the same command line as
+  main.py (which only calls it): the same modes, the same one-line refusal of a bad mode."""
+  import tomllib
+
+  from ddpm_jax import cli
+  target = tomllib.loads(open(os.path.join(REPO, "pyproject.toml")).read())[
+      "project"]["scripts"]["ddpm-jax"]
+  assert target == "ddpm_jax.cli:run" and callable(cli.run)
+  assert "cli.run()" in open(os.path.join(REPO, "main.py")).read()
+  env = dict(os.environ, PYTHONPATH=REPO)
+  outs = [subprocess.run([sys.executable, *entry, "--mode=nonsense"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+          for entry in (["-m", "ddpm_jax"], [os.path.join(REPO, "main.py")])]
+  for out in outs:
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "--mode" in out.stderr and "interpolate_images" in out.stderr  # the modes listed
+  assert outs[0].stderr.replace("__main__.py", "main.py") == outs[1].stderr
+
+
 def test_invalid_config_is_one_clear_line(tmp_path, data_dir):
   proc = run_main(*tiny_flags(data_dir, "--config.data.image_size=12",
                               "--config.model.ch_mult=(1,2,2,2)"),
