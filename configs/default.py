@@ -57,6 +57,10 @@ def get_config():
   # Padding of the stride-2 down convs: "symmetric" (one each side) or "same" (TF 'SAME': one
   # after, none before, as Ho et al.'s code and the google/ddpm-* diffusers checkpoints).
   model.downsample_padding = "symmetric"
+  # Rematerialisation (gradient checkpointing) in training: "none", or "block" (each
+  # residual/attention block's activations are recomputed in the backward pass: much less
+  # memory at 128-256 px, ~1 more forward pass of time). The parameters are the same.
+  model.remat = "none"
 
   config.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.schedule = "linear"  # "linear" (Ho et al.) or "cosine" (Nichol & Dhariwal)
@@ -77,9 +81,22 @@ def get_config():
   training.batch_size = 64  # global batch, over all devices and hosts
   training.num_train_steps = 100_000
   training.steps_per_dispatch = 1  # train steps per device call (lax.scan inside pmap)
+  # Gradient accumulation: each device's batch (batch_size / devices, divisible by this) runs
+  # as this many microbatches, one after another, and makes one update: the same update as
+  # the whole batch at about the memory of one microbatch.
+  training.microbatches = 1
   training.seed = 0
   training.ema_decay = 0.9999  # maximum EMA decay
   training.ema_warmup = True  # decay = min(ema_decay, (1 + step) / (10 + step))
+  # Post-hoc EMA (Karras et al. 2024, EDM2): power-function EMAs of the parameters with these
+  # relative lengths (sigma_rel), updated every optimizer step, with snapshots every
+  # posthoc_ema_every_steps steps (and at the end) in <workdir>/posthoc_ema/; from them
+  # --mode=posthoc_ema makes the EMA of any other length, after training. () = off, the
+  # default: turning it on changes what a checkpoint holds (a run cannot switch it mid-way)
+  # and costs one more copy of the parameters per profile in memory and in every checkpoint,
+  # plus len(sigma_rels) copies per snapshot on disk, never deleted. The paper's: (0.05, 0.1).
+  training.posthoc_ema_sigma_rels = ()
+  training.posthoc_ema_every_steps = 5000  # a multiple of steps_per_dispatch
   training.log_every_steps = 100  # >= 1
   # >= 1; set it to num_train_steps to save only at the end (and every checkpoint_every_minutes)
   training.checkpoint_every_steps = 5000

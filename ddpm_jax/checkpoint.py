@@ -165,7 +165,8 @@ def _mismatch(template: dict, saved: dict, parts) -> str | None:
 
 _SETTINGS = {"opt_state": "the optimizer settings (optim.*)",
              "params": "the network settings (model.*, data.image_size)",
-             "ema_params": "the network settings (model.*, data.image_size)"}
+             "ema_params": "the network settings (model.*, data.image_size)",
+             "posthoc_ema": "the post-hoc EMA profiles (training.posthoc_ema_sigma_rels)"}
 
 
 class _Outcome:

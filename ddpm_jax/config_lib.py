@@ -9,7 +9,7 @@ from ddpm_jax import diffusion, sampling
 from ddpm_jax.errors import ConfigError
 
 __all__ = ["ConfigError", "validate", "check_compatible", "fill_missing", "defaults", "setting",
-           "with_defaults"]
+           "with_defaults", "complete", "apply_overrides"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,6 +43,33 @@ def with_defaults(config):
   out = config.copy_and_resolve_references()
   fill_missing(out, defaults())  # a fresh copy: nothing of the shared one is handed out
   return out
+
+
+REMATS = ("none", "block")  # model.remat: no rematerialisation, or each residual/attention block
+
+
+def complete(config, num_devices: int = 1, training: bool = True):
+  """The config boundary: a copy of ``config`` with every field (defaults filled in from
+  ``configs/default.py``) and validated for ``num_devices``; ConfigError for the first
+  problem. Idempotent: ``complete(complete(c)) == complete(c)``. Public entry points call it
+  once; code below them reads plain attributes."""
+  out = with_defaults(config)
+  validate(out, num_devices, training=training)
+  return out
+
+
+def apply_overrides(config, overrides: dict, skip_sections=()) -> None:
+  """Sets each dotted ``{"a.b": value}`` of ``overrides`` (the command line's
+  ``--config.a.b=value`` flags) on ``config`` in place, but those under ``skip_sections``.
+  The one loop that applies overrides."""
+  for path, value in overrides.items():
+    if path.split(".")[0] in skip_sections:
+      continue
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
 
 
 def feature_map_sizes(image_size: int, num_levels: int) -> list[int]:
@@ -95,6 +122,16 @@ def validate(config, num_devices: int = 1, training: bool = True) -> None:
     raise ConfigError(f"diffusion.num_timesteps={config.diffusion.num_timesteps}: {e}") from None
   if training:
     _validate_training(config, num_devices)
+    k = setting(config, "training.microbatches")
+    per_device = config.training.batch_size // num_devices
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or per_device % k:
+      near = k if isinstance(k, int) and not isinstance(k, bool) else 1
+      fix = max(d for d in range(1, per_device + 1) if per_device % d == 0 and d <= max(near, 1))
+      raise ConfigError(f"training.microbatches={k!r} must be a divisor of the per-device batch "
+                        f"{per_device} (training.batch_size over {num_devices} devices): set "
+                        f"--config.training.microbatches={fix}")
+  if setting(config, "model.remat") not in REMATS:
+    raise ConfigError(f"model.remat={setting(config, 'model.remat')!r}: use one of {REMATS}")
   check_batch_size(s.batch_size, num_devices, "sampling.batch_size")
   if o.optimizer not in ("adam", "adamw"):
     raise ConfigError(f"optim.optimizer={o.optimizer!r}: use 'adam' or 'adamw'")

@@ -18,6 +18,15 @@ the image and none before, as TensorFlow's 'SAME' padding in Ho et al.'s code (a
 ``downsample_padding=0``: google/ddpm-* checkpoints need it); the default "symmetric" pads one
 on each side. Only the output differs, not the parameters.
 
+Rematerialisation (``remat="block"``, training only): each ResBlock and AttnBlock is wrapped
+in ``nn.remat`` with JAX's default policy (save nothing inside the block): the backward pass
+keeps only each block's inputs and recomputes the block's GroupNorm/SiLU/conv/attention
+activations, which are most of a U-Net's memory at 128-256 px, at the cost of about one more
+forward pass. Saving the conv/matmul outputs instead (``dots_saveable``) keeps the largest
+of those tensors and saves little. Submodules carry the names the plain model gives them
+(``ResBlock_0``, ``AttnBlock_0``, ...), so the parameters, checkpoints and the diffusers
+export are the same with and without remat. ``train`` is a static argument of the block.
+
 Class conditioning (``num_classes > 0``): a learned embedding of the label is added to
 the timestep embedding. Row ``num_classes`` is the null label: what classifier-free
 guidance trains with dropped labels and samples as "unconditional".
@@ -40,6 +49,7 @@ from ddpm_jax.errors import ConfigError
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zero_init = nn.initializers.zeros
 DOWNSAMPLE_PADDINGS = ("symmetric", "same")
+REMATS = config_lib.REMATS  # model.remat values (checked in config_lib.validate)
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -149,17 +159,35 @@ class UNet(nn.Module):
   attention: str = "softmax"  # at attn_resolutions: "softmax" (DDPM) or "linear"
   resample: str = "conv"  # "conv" (strided conv down, nearest+conv up) or "pool"
   downsample_padding: str = "symmetric"  # of the strided convs: "symmetric" or "same" (TF)
+  remat: str = "none"  # "none" or "block": recompute each block's activations in backward
+
+  def _block(self, cls, counts, train: bool, **kw):
+    """``cls(**kw)`` named as the plain model names it (``ResBlock_3``), wrapped in
+    ``nn.remat`` when training with ``remat="block"`` (``train`` is ResBlock's 4th argument
+    counting ``self``, static: it picks Python branches)."""
+    name = f"{cls.__name__}_{counts.get(cls.__name__, 0)}"
+    counts[cls.__name__] = counts.get(cls.__name__, 0) + 1
+    if self.remat == "block" and train:
+      cls = nn.remat(cls, static_argnums=(3,) if cls is ResBlock else ())
+    return cls(name=name, **kw)
 
   @nn.compact
   def __call__(self, x, t, y=None, train: bool = False):
     """Args: x (B, H, W, C) noisy images; t (B,) int timesteps; y (B,) int labels in
     [0, num_classes] (num_classes = no label) or None. Returns (B, H, W, out_ch)."""
+    if self.remat not in REMATS:
+      raise ValueError(f"remat={self.remat!r}: use one of {REMATS}")
+    counts = {}
     res_kw = dict(dropout=self.dropout, num_groups=self.num_groups, dtype=self.dtype,
                   time_conditioning=self.time_conditioning)
-    mid_attn = lambda h: AttnBlock(self.num_heads, self.num_groups, self.dtype)(h)  # noqa: E731
+    resblock = lambda out_ch, h: self._block(  # noqa: E731
+        ResBlock, counts, train, out_ch=out_ch, **res_kw)(h, temb, train)
+    mid_attn = lambda h: self._block(  # noqa: E731
+        AttnBlock, counts, train, num_heads=self.num_heads, num_groups=self.num_groups,
+        dtype=self.dtype)(h)
     if self.attention == "linear":
-      attn = lambda h: LinearAttnBlock(  # noqa: E731
-          num_groups=self.num_groups, dtype=self.dtype)(h)
+      attn = lambda h: self._block(  # noqa: E731
+          LinearAttnBlock, counts, train, num_groups=self.num_groups, dtype=self.dtype)(h)
     else:
       attn = mid_attn
     conv3 = lambda feat, **kw: nn.Conv(feat, (3, 3), padding=kw.pop("padding", 1),  # noqa: E731
@@ -183,7 +211,7 @@ class UNet(nn.Module):
     hs = [conv3(self.ch, name="conv_in")(x)]
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
-        h = ResBlock(self.ch * mult, **res_kw)(hs[-1], temb, train)
+        h = resblock(self.ch * mult, hs[-1])
         if h.shape[1] in self.attn_resolutions:
           h = attn(h)
         hs.append(h)
@@ -193,13 +221,13 @@ class UNet(nn.Module):
         else:
           hs.append(conv3(hs[-1].shape[-1], strides=2, padding=pad)(hs[-1]))
 
-    h = ResBlock(hs[-1].shape[-1], **res_kw)(hs[-1], temb, train)
+    h = resblock(hs[-1].shape[-1], hs[-1])
     h = mid_attn(h)
-    h = ResBlock(h.shape[-1], **res_kw)(h, temb, train)
+    h = resblock(h.shape[-1], h)
 
     for level, mult in reversed(list(enumerate(self.ch_mult))):
       for _ in range(self.num_res_blocks + 1):
-        h = ResBlock(self.ch * mult, **res_kw)(jnp.concatenate([h, hs.pop()], -1), temb, train)
+        h = resblock(self.ch * mult, jnp.concatenate([h, hs.pop()], -1))
         if h.shape[1] in self.attn_resolutions:
           h = attn(h)
       if level != 0:
@@ -224,7 +252,8 @@ def create_model(config) -> UNet:
               num_classes=m.get("num_classes", 0),
               time_conditioning=m.get("time_conditioning", "add"),
               attention=m.get("attention", "softmax"), resample=m.get("resample", "conv"),
-              downsample_padding=_downsample_padding(config))
+              downsample_padding=_downsample_padding(config),
+              remat=config_lib.setting(config, "model.remat"))
 
 
 def _downsample_padding(config) -> str:
@@ -243,9 +272,29 @@ def init_params(model: UNet, key: jax.Array, image_size: int, channels: int = 3)
 
 
 def apply(model: UNet, params, x, t, y=None, *, train: bool = False, dropout_key=None):
-  """The network's output for noisy images ``x`` at timesteps ``t`` (labels ``y``)."""
+  """The network's output for noisy images ``x`` at timesteps ``t`` (labels ``y``).
+
+  ``dropout_key``: one key for the batch, or one per example (shape (B,)): then each
+  example's dropout masks are a function of its own key only (the network is vmapped over
+  the examples), so a batch split into microbatches or over devices drops the same units.
+  Without dropout (rate 0 or ``train=False``) the keys are not read and nothing is vmapped.
+  """
+  if dropout_key is not None and _is_key_batch(dropout_key):
+    if not (train and getattr(model, "dropout", 0.0) > 0):
+      dropout_key = None
+    else:
+      one = lambda xi, ti, yi, ki: model.apply(  # noqa: E731
+          {"params": params}, xi[None], ti[None], None if yi is None else yi[None],
+          train=True, rngs={"dropout": ki})[0]
+      return jax.vmap(one)(x, t, y, dropout_key)
   rngs = {"dropout": dropout_key} if dropout_key is not None else None
   return model.apply({"params": params}, x, t, y, train=train, rngs=rngs)
+
+
+def _is_key_batch(key) -> bool:
+  """A 1-D array of typed keys, or a 2-D array of raw uint32 keys."""
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  return key.ndim == (1 if typed else 2)
 
 
 def count_params(params) -> int:

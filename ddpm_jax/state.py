@@ -20,6 +20,18 @@ class TrainState:
   opt_state: Any
 
 
+@flax.struct.dataclass
+class PosthocTrainState(TrainState):
+  """A train state that also tracks post-hoc EMA profiles (``training.posthoc_ema_sigma_rels``
+  set): a subclass, so that with it off the pytree (and every checkpoint) stays TrainState's
+  exactly; ``state.replace`` keeps the class."""
+  posthoc_ema: Any  # tuple: one power-function EMA of params per sigma_rel (posthoc_ema.py)
+
+
+def posthoc_sigma_rels(config) -> tuple:
+  return tuple(config_lib.setting(config, "training.posthoc_ema_sigma_rels"))
+
+
 def make_lr_schedule(config) -> optax.Schedule:
   o, total = config.optim, config.training.num_train_steps
   warmup = max(int(o.warmup_steps), 0)
@@ -72,9 +84,19 @@ def create_train_state(config, model, tx, key) -> TrainState:
   @jax.jit
   def init(key):
     params = models.init_params(model, key, config.data.image_size, config.data.num_channels)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=params, opt_state=tx.init(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       ema_params=params, opt_state=tx.init(params))
+    rels = posthoc_sigma_rels(config)
+    return with_posthoc(state, len(rels)) if rels else state
   return jax.device_get(init(key))
+
+
+def with_posthoc(state: TrainState, num_profiles: int) -> PosthocTrainState:
+  """``state`` with ``num_profiles`` post-hoc EMA profiles, each a copy of its params (the
+  first update's beta is 0, so the starting value never counts)."""
+  return PosthocTrainState(step=state.step, params=state.params, ema_params=state.ema_params,
+                           opt_state=state.opt_state,
+                           posthoc_ema=tuple(state.params for _ in range(num_profiles)))
 
 
 def abstract_train_state(config) -> TrainState:

@@ -2,7 +2,7 @@
 
 ``make_train_step`` returns a pure ``train_step(state, batch, key) -> (state, metrics)``.
 Per-step randomness is derived with ``fold_in`` from the base key, the step and the
-example's global index (dropout: the device index): nothing random is stored, and a
+example's global index (dropout too, per example): nothing random is stored, and a
 resumed run draws what an uninterrupted one would.
 """
 
@@ -29,6 +29,7 @@ from ddpm_jax import (
   input_pipeline,
   models,
   parallel,
+  posthoc_ema,
   progress,
   signals,
   validation,
@@ -62,7 +63,9 @@ class Objective(NamedTuple):
   """What a train step minimises. ``loss(params, x0, labels, example_keys, dropout_key,
   extra) -> (losses (B,), t (B,))``: per-example losses and the timestep each was drawn
   at (for the per-timestep loss buckets); example ``i`` draws its randomness from
-  ``example_keys[i]`` only. ``extra``: arrays the loss reads besides the parameters (a
+  ``example_keys[i]`` only, its dropout from ``dropout_key[i]`` (one key per example, for
+  ``models.apply``), so a loss never depends on how the batch is split into devices or
+  microbatches. ``extra``: arrays the loss reads besides the parameters (a
   distillation teacher's), put on every device once. ``init_params``: parameters to
   start from instead of fresh ones (a student starts as its teacher)."""
   loss: Callable
@@ -92,6 +95,33 @@ def denoising_objective(config, model, schedule: diffusion.Schedule) -> Objectiv
   return Objective(loss)
 
 
+def accumulated_grads(objective: Objective, params, examples, extra, k: int):
+  """(mean loss, mean gradient, per-example losses, t) of ``examples`` = (x0, labels,
+  example keys, dropout keys), computed over k equal microbatches in order, one after
+  another, and averaged: the whole batch's values (up to float rounding) at the activation
+  memory of one microbatch plus a gradient buffer. ``lax.scan`` (a loop XLA cannot run
+  out of order, unlike an unrolled one, whose microbatch forwards could all be live at
+  once) slices the microbatches and stacks their losses; ``fori_loop`` would need dynamic
+  slices by hand for the same loop."""
+  def loss_fn(p, mb):
+    x0, labels, example_keys, dropout_keys = mb
+    losses, t = objective.loss(p, x0, labels, example_keys, dropout_keys, extra)
+    return losses.mean(), (losses, t)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if k == 1:
+    (loss, (losses, t)), grads = grad_fn(params, examples)
+    return loss, grads, losses, t
+
+  def body(acc, mb):
+    (loss, (losses, t)), grads = grad_fn(params, mb)
+    return jax.tree.map(jnp.add, acc, grads), (loss, losses, t)
+
+  split = jax.tree.map(lambda a: a.reshape((k, a.shape[0] // k) + a.shape[1:]), examples)
+  grads, (loss, losses, t) = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), split)
+  return loss.mean(), jax.tree.map(lambda g: g / k, grads), losses.reshape(-1), t.reshape(-1)
+
+
 def make_train_step(config, model, schedule: diffusion.Schedule, tx,
                     axis_name: str | None = parallel.AXIS, objective: Objective | None = None):
   """Builds ``train_step(state, batch, key, extra=None) -> (state, metrics)``.
@@ -103,20 +133,24 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
   runs on one device. Non-finite loss or gradients skip the update (params, EMA and
   optimizer state are kept, so the optimizer's update count, the learning rate and the
   EMA warm-up stand still) and count in ``metrics['skipped']``; ``state.step`` counts
-  every step.
+  every step. ``training.microbatches`` = k splits each device's batch into k microbatches
+  whose gradients are averaged (``accumulated_grads``) before the one update, EMA step and
+  NaN check of the step.
   """
   T = schedule.num_timesteps
   objective = objective or denoising_objective(config, model, schedule)
   lr_fn = state_lib.make_lr_schedule(config)
   label_dropout = float(config_lib.setting(config, "training.label_dropout"))
+  microbatches = int(config_lib.setting(config, "training.microbatches"))
 
   def train_step(state: TrainState, batch, key, extra=None):
     x0, labels = ((batch["image"], batch.get("label")) if isinstance(batch, dict)
                   else (batch, None))
     B = x0.shape[0]
     device = jax.lax.axis_index(axis_name) if axis_name is not None else 0
-    key, dropout_key = step_keys(key, state.step, device)
+    key, _ = step_keys(key, state.step, device)  # dropout: per example, below
     example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(device * B + jnp.arange(B))
+    dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(example_keys)
     if model.num_classes:  # classifier-free guidance: some labels become the null label
       labels = jnp.full((B,), model.num_classes, jnp.int32) if labels is None else labels
       drop = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 2)) < label_dropout)(
@@ -125,11 +159,8 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
     else:
       labels = None
 
-    def loss_fn(params):
-      losses, t = objective.loss(params, x0, labels, example_keys, dropout_key, extra)
-      return losses.mean(), (losses, t)
-
-    (loss, (losses, t)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    loss, grads, losses, t = accumulated_grads(
+        objective, state.params, (x0, labels, example_keys, dropout_keys), extra, microbatches)
     bucket_sum, bucket_count = validation.bucket_sums(losses, t, T)
     if axis_name is not None:
       grads, loss = jax.lax.pmean((grads, loss), axis_name)
@@ -144,10 +175,13 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
     new_ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                            state.ema_params, new_params)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-    new_state = TrainState(step=state.step + 1,
-                           params=keep(new_params, state.params),
-                           ema_params=keep(new_ema, state.ema_params),
-                           opt_state=keep(new_opt_state, state.opt_state))
+    new_state = state.replace(step=state.step + 1,  # replace: a PosthocTrainState stays one
+                              params=keep(new_params, state.params),
+                              ema_params=keep(new_ema, state.ema_params),
+                              opt_state=keep(new_opt_state, state.opt_state))
+    if isinstance(state, state_lib.PosthocTrainState):  # power-function EMAs, EDM2 eq. 127
+      new_state = new_state.replace(posthoc_ema=keep(posthoc_ema.update(
+          state.posthoc_ema, new_params, count, posthoc_ema.gammas(config)), state.posthoc_ema))
     metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=_global_norm(new_state.params),
                    learning_rate=jnp.asarray(lr_fn(count), jnp.float32),
                    ema_decay=jnp.asarray(decay, jnp.float32),
@@ -226,6 +260,7 @@ def train_and_evaluate(config, workdir: str, objective: Objective | None = None)
   Returns the final host state.
   """
   config_lib.validate(config, jax.device_count())
+  posthoc_ema.check_config(config)
   workdir = fs.normalize(workdir)
   is_main = parallel.is_main()
   parallel.process_0_then_all("check the workdir", lambda: fs.check_writable(workdir, "--workdir"))
@@ -235,6 +270,7 @@ def train_and_evaluate(config, workdir: str, objective: Objective | None = None)
   if mngr.latest_step() is not None:
     saved, _ = ckpt_lib.newest_config(mngr, workdir)
     config_lib.check_compatible(config, saved.to_dict())
+    posthoc_ema.check_resume(config, saved.to_dict())
 
   lock = lock_lib.WorkdirLock(workdir)
   with signals.StopRequest(on_hard_stop=lock.release) as stop:
@@ -256,6 +292,8 @@ def _train(config, workdir, mngr, lock, stop, is_main, objective):
   if objective is not None and objective.init_params is not None:  # a student: its teacher
     init = jax.device_get(objective.init_params)
     state = state.replace(params=init, ema_params=init, opt_state=jax.device_get(tx.init(init)))
+    if isinstance(state, state_lib.PosthocTrainState):
+      state = state.replace(posthoc_ema=tuple(init for _ in state.posthoc_ema))
   restored, latest = ckpt_lib.restore_newest(mngr, workdir, state, set_aside=True)
   if restored is not None:
     state = restored
@@ -403,6 +441,7 @@ class _Run:
     self.mngr, self.lock, self.stop, self.writer = mngr, lock, stop, writer
     self.step, self.state_r, self.p_step, self.train_key = step, state_r, p_step, train_key
     self.batches, self.side_work = batches, side_work
+    self.snapshots = posthoc_ema.Snapshots.for_run(config, workdir)  # None when off
     self.bar = progress.Progress(self.t.num_train_steps, "train", "step", initial=step,
                                  log_every=self.t.log_every_steps,
                                  per_unit=(self.t.batch_size, "img"))
@@ -417,6 +456,7 @@ class _Run:
       agreed = self.report(pending) if pending is not None else parallel.Agreed()
       pending = dispatched
       self.abort_if_asked(agreed)
+      self.snapshot()  # before the checkpoint of its step: see posthoc_ema.Snapshots
       if (self.step % t.checkpoint_every_steps == 0 or self.step >= t.num_train_steps
           or agreed.save or agreed.stop):
         agreed |= self.report(pending)  # the checkpoint's own step is logged with it
@@ -485,6 +525,16 @@ class _Run:
     self.last_save_step, self.last_save_time = self.step, time.time()
     # remote logs: lines before a checkpoint are never lost
     self.with_store_retries("write the logs", lambda: self.writer.flush(strict=True))
+
+  def snapshot(self) -> None:
+    """Writes the post-hoc EMA snapshot of this step, if one is due (every process)."""
+    if self.snapshots is None or not self.snapshots.due(self.step):
+      return
+    if parallel.is_main():
+      self.lock.check()  # a trainer that lost its lock writes nothing
+    host = parallel.unreplicate(self.state_r)
+    self.with_store_retries(f"save the post-hoc EMA snapshot {self.step}",
+                            lambda: self.snapshots.save(self.step, host))
 
   def with_store_retries(self, what: str, fn):
     return with_store_retries(what, fn, self.workdir, self.mngr.latest_step)
