@@ -306,14 +306,7 @@ def tune_config(config, teacher_config, overrides: dict):
   for section in OWN_SECTIONS:
     if section in config:
       c[section] = config[section].copy_and_resolve_references()
-  for path, value in overrides.items():
-    if path.split(".")[0] in OWN_SECTIONS:
-      continue
-    *parents, leaf = path.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config_lib.apply_overrides(c, overrides, skip_sections=OWN_SECTIONS)  # those are in config
   return c
 
 

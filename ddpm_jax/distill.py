@@ -193,14 +193,7 @@ def round_config(config, teacher_config, teacher_dir: str, round_index: int, tea
   c.model.prediction_type = d.prediction_type
   s.sampler, s.spacing, s.num_steps, s.eta = "ddim", "trailing", teacher_steps // 2, 0.0
   s.clip_x0 = bool(config.sampling.clip_x0)
-  for path, value in overrides.items():
-    if path.split(".")[0] in OWN_SECTIONS:
-      continue  # already in config
-    *parents, leaf = path.split(".")
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config_lib.apply_overrides(c, overrides, skip_sections=OWN_SECTIONS)  # those are in config
   return c
 
 
