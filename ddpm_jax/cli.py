@@ -163,6 +163,8 @@ def main(argv):
                jax.device_count(), jax.devices()[0].platform)
   multi = jax.process_count() > 1
   try:
+    from ddpm_jax import tpu_vm
+    tpu_vm.check_backend(FLAGS.mode)  # no training on the host CPU of a TPU VM
     config = _config(MODES[FLAGS.mode])
     if config_lib.setting(config, "training.compilation_cache"):
       run_utils.enable_compilation_cache()  # sampling modes reuse compiled samplers too

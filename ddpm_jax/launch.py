@@ -10,7 +10,10 @@ learns about the job the way ``--cluster`` says:
   * ``gce-tpu``: as on a slice made by ``gcloud compute tpus tpu-vm create``: nothing in
     the environment but ``GCE_METADATA_IP``, one small metadata server per simulated
     host answering ``agent-worker-number``, ``worker-network-endpoints`` and ``tpu-env``
-    (what JAX's ``GceTpuCluster`` reads), and ``JAX_FORCE_TPU_INIT=1``;
+    (what JAX's ``GceTpuCluster`` reads) and ``accelerator-type`` (a v4 slice, what
+    ``ddpm_jax.tpu_vm`` reads), and ``JAX_FORCE_TPU_INIT=1``; the rehearsal trains on the
+    CPU of a "TPU VM" on purpose, so its processes default ``DDPM_JAX_ALLOW_CPU_ON_TPU=1``
+    (``ddpm_jax/rehearsal/sitecustomize.py``; set it to 0 to see the refusal);
   * ``gke-tpu``: as on GKE: ``TPU_WORKER_HOSTNAMES`` and ``TPU_WORKER_ID``.
 In each case ``main.py`` calls ``jax.distributed.initialize()`` and JAX itself detects
 the job, as on the real thing.
@@ -98,7 +101,8 @@ def metadata_server(worker: int, workers: int, gke: bool = False):
   attributes = {"tpu-env": ""}
   if not gke:  # a GKE node's metadata server says nothing about TPU workers
     attributes.update({"agent-worker-number": str(worker),
-                       "worker-network-endpoints": ",".join(["localhost"] * workers)})
+                       "worker-network-endpoints": ",".join(["localhost"] * workers),
+                       "accelerator-type": f"v4-{8 * workers}"})  # 4 chips, 8 cores a host
   handler = type("Metadata", (_Metadata,), {"attributes": attributes})
   server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
   threading.Thread(target=server.serve_forever, daemon=True).start()

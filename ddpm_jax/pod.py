@@ -46,6 +46,11 @@ What ``watch`` takes for what (the rules, because each wrong guess costs money o
   travel inside the base64-encoded ``run.sh``, quoted once there (``shlex.join``); ``--repo``,
   ``--ref`` and ``--python`` are each quoted once (``shlex.quote``) in the install line.
 
+* The slice's TPU software version: ``--version``, else the one Google lists for JAX on the
+  accelerator type (``RUNTIME_VERSIONS``); an unknown type is one line asking for
+  ``--version``. ``run.sh`` sets ``JAX_PLATFORMS=tpu``: a trainer whose JAX misses the TPU
+  fails at start rather than training on the host CPU of a billing slice.
+
 Standard library only (no JAX): it runs on a laptop with the Google Cloud CLI.
 """
 
@@ -71,6 +76,24 @@ QR_LOST = QR_PREEMPTED | {"DELETING"}  # what `up` deletes before creating
 
 class PodError(RuntimeError):
   """A gcloud step that failed for good; the message says which and why."""
+
+
+# The TPU software version ("runtime version") Google lists for JAX per TPU generation
+# (cloud.google.com/tpu/docs/runtimes): on a wrong one JAX can miss the TPU and train on the
+# host CPU while the slice bills. Keyed on the --accelerator-type prefix ("v5litepod-16").
+RUNTIME_VERSIONS = (
+    (("v2-", "v3-", "v4-"), "tpu-ubuntu2204-base"),
+    (("v5litepod-", "v5e-"), "v2-alpha-tpuv5-lite"),
+    (("v5p-",), "v2-alpha-tpuv5"),
+    (("v6e-",), "v2-alpha-tpuv6e"),
+)
+
+
+def runtime_version(accelerator_type: str) -> str | None:
+  """The TPU software version for ``accelerator_type`` (e.g. v4-32), None if not known here."""
+  kind = (accelerator_type or "").strip().lower()
+  return next((version for prefixes, version in RUNTIME_VERSIONS
+               if kind.startswith(prefixes)), None)
 
 
 def log(msg: str) -> None:
@@ -134,14 +157,23 @@ class Pod:
 
   # -- the slice ---------------------------------------------------------------------------
 
+  def version(self) -> str:
+    """--version, else the TPU software version of --accelerator-type; unknown: PodError."""
+    version = self.a.version or runtime_version(self.a.accelerator_type)
+    if not version:
+      raise PodError(f"no TPU software version known for --accelerator-type="
+                     f"{self.a.accelerator_type} (known: v2/v3/v4, v5litepod (v5e), v5p, v6e): "
+                     f"pass --version=... (see cloud.google.com/tpu/docs/runtimes)")
+    return version
+
   def create(self) -> None:
     words = ["compute", "tpus", "queued-resources", "create", self.a.name,
              f"--node-id={self.a.name}", f"--accelerator-type={self.a.accelerator_type}",
-             f"--runtime-version={self.a.version}"]
+             f"--runtime-version={self.version()}"]
     if self.a.spot:
       words.append("--spot")
     log(f"creating queued resource {self.a.name} ({self.a.accelerator_type}, "
-        f"{'spot' if self.a.spot else 'on-demand'}, {self.a.version})")
+        f"{'spot' if self.a.spot else 'on-demand'}, {self.version()})")
     try:
       self.gcloud(*words)
     except PodError as e:  # a reply lost or an error after the resource was made: look
@@ -222,7 +254,9 @@ class Pod:
     """run.sh: the trainer in the background, its pid, its exit status, outside signals.
 
     The training arguments appear here only, quoted once by ``shlex``; the script travels
-    base64-encoded, so no shell on the way reads them.
+    base64-encoded, so no shell on the way reads them. ``JAX_PLATFORMS=tpu``: a trainer whose
+    JAX cannot use the TPU (a wrong TPU software version, libtpu missing, the TPU held by
+    another process) fails at start instead of training on the host CPU while the slice bills.
     """
     args = self.train_args()
     main = shlex.join([".venv/bin/python", "main.py", *args])
@@ -232,6 +266,7 @@ pid=
 printf '== %s %s\\n' "$(date -u)" {shlex.quote(shlex.join(args))} >> "$D/train.log"
 trap 'touch "$D/signalled"; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' TERM INT
 cd "{REPO_DIR}" || {{ echo 127 > "$D/rc"; exit 1; }}
+export JAX_PLATFORMS=tpu
 {main} >> "$D/train.log" 2>&1 < /dev/null &
 pid=$!
 echo "$pid" > "$D/pid"
@@ -493,7 +528,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--zone", required=True, help="e.g. us-central2-b")
   p.add_argument("--project", default=None, help="Google Cloud project (default: gcloud's)")
   p.add_argument("--accelerator-type", default="v4-8", help="e.g. v4-32 (4 hosts)")
-  p.add_argument("--version", default="tpu-ubuntu2204-base", help="TPU software version")
+  p.add_argument("--version", default=None,
+                 help="TPU software version (default: the one Google lists for the "
+                      "accelerator type: v2/v3/v4 tpu-ubuntu2204-base, v5litepod-* "
+                      "v2-alpha-tpuv5-lite, v5p-* v2-alpha-tpuv5, v6e-* v2-alpha-tpuv6e)")
   p.add_argument("--spot", action="store_true", help="Spot TPU VMs (preemptible, cheaper)")
   p.add_argument("--repo", default=None, help="git URL of ddpm_jax every worker clones")
   p.add_argument("--ref", default=None, help="git commit/branch/tag to check out (same on "
@@ -544,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(pod: Pod, command: str) -> int:
+  if command in ("up", "watch", "run"):  # each may create the slice: know its version first
+    pod.version()
   if command == "up":
     pod.up()
   elif command == "train":

@@ -84,7 +84,8 @@ import json, os, signal, sys, time
 stop = []
 signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
 with open(%(log)r, "a") as f:
-  f.write(json.dumps({"gen": %(gen)d, "home": os.environ["HOME"], "argv": sys.argv[1:]}) + "\\n")
+  f.write(json.dumps({"gen": %(gen)d, "home": os.environ["HOME"], "argv": sys.argv[1:],
+                      "platforms": os.environ.get("JAX_PLATFORMS")}) + "\\n")
 deadline = time.time() + %(seconds)r
 while not stop and time.time() < deadline:
   time.sleep(0.02)
@@ -368,6 +369,39 @@ def test_an_uneventful_run_deletes_the_slice_when_asked(fake_gcloud, capsys):
   assert pod.main(["run", *COMMON, "--delete-when-done", "--repo", "r", *TRAIN]) == 0
   assert "training finished" in capsys.readouterr().out
   assert [e["event"] for e in events(d)] == ["create", "install", "train", "delete"]
+  # JAX on the workers may use the TPU only: one that misses it fails instead of training on
+  # the host CPU while the slice bills.
+  assert [s["platforms"] for s in trainer_starts(d)] == ["tpu", "tpu"]
+
+
+@pytest.mark.parametrize("accelerator, extra, version", [
+    ("v4-32", [], "tpu-ubuntu2204-base"),
+    ("v5litepod-16", [], "v2-alpha-tpuv5-lite"),
+    ("v5p-16", [], "v2-alpha-tpuv5"),
+    ("v6e-8", [], "v2-alpha-tpuv6e"),
+    ("v5p-16", ["--version", "v2-alpha-tpuv5-custom"], "v2-alpha-tpuv5-custom"),  # overrides
+    ("v9z-8", ["--version", "v2-alpha-tpuv9z"], "v2-alpha-tpuv9z"),  # a type unknown here
+])
+def test_the_runtime_version_follows_the_accelerator_type(fake_gcloud, accelerator, extra,
+                                                          version):
+  """Google lists one TPU software version per generation (cloud.google.com/tpu/docs/runtimes):
+  on v5e/v5p/v6e, tpu-ubuntu2204-base is the wrong image and JAX can miss the TPU."""
+  d, configure = fake_gcloud
+  configure(trainer={"*": {"seconds": 0.0, "rc": 0}})
+  assert pod.main(["up", *COMMON, "--accelerator-type", accelerator, *extra, "--repo", "r"]) == 0
+  creates = [e["argv"] for e in events(d) if e["event"] == "create"]
+  assert len(creates) == 1
+  assert f"--accelerator-type={accelerator}" in creates[0]
+  assert [a for a in creates[0] if a.startswith("--runtime-version")] == [
+      f"--runtime-version={version}"]
+
+
+def test_an_unknown_accelerator_type_asks_for_version_before_anything_runs(fake_gcloud, capsys):
+  d, _ = fake_gcloud
+  assert pod.main(["run", *COMMON, "--accelerator-type", "v9z-8", "--repo", "r", *TRAIN]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--accelerator-type=v9z-8" in err[0] and "pass --version" in err[0]
+  assert events(d) == []  # nothing created, nothing bills
 
 
 def test_up_replaces_a_suspended_queued_resource(fake_gcloud):
