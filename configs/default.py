@@ -165,7 +165,11 @@ def get_config():
   dist.round_teacher = ""  # the workdir of the round's teacher
 
   config.eval = ev = ml_collections.ConfigDict()
-  ev.checkpoints = "latest"  # which checkpoints --mode=eval reads: latest, all, or "1000,2000"
+  ev.checkpoints = "latest"  # which checkpoints --mode=eval reads: latest, all, "1000,2000", none
+  # Post-hoc EMA sweep (a run trained with training.posthoc_ema_sigma_rels): after the
+  # checkpoints, one report per relative EMA length, e.g. "(0.03, 0.05, 0.1, 0.15)",
+  # reconstructed from the newest snapshot; a summary eval/<step>_posthoc_ema.json ranks them.
+  ev.posthoc_ema_sigma_rels = ()
   ev.name = ""  # reports go to eval/<step>_<name>.json when set (e.g. "exact")
   ev.num_examples = 256  # held-out images for bits/dim and the validation loss
   ev.batch_size = 64

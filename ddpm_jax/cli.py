@@ -73,6 +73,18 @@ def _import(config, workdir):
   return fs.normalize(workdir)  # the new workdir
 
 
+def _posthoc_ema(config, workdir):
+  from ddpm_jax import fs, posthoc_ema
+  from ddpm_jax.errors import ConfigError
+  if FLAGS.sigma_rel is None:
+    raise ConfigError("--mode=posthoc_ema needs --sigma_rel=S, the relative EMA length to "
+                      "reconstruct (e.g. 0.1; EDM2's best lie in 0.02-0.2)")
+  workdir = fs.normalize(workdir)
+  out = FLAGS.out or fs.join(workdir, f"posthoc_ema_{FLAGS.sigma_rel:g}")
+  posthoc_ema.reconstruct(config, workdir, FLAGS.sigma_rel, out)
+  return fs.normalize(out)  # the new workdir: --mode=sample/eval/export read it
+
+
 def _generation(name: str) -> Callable:
   """A mode of ``ddpm_jax.modes`` (imported when it runs): returns where the files are."""
   def run(config, workdir):
@@ -101,6 +113,9 @@ MODES = {
                     "students", _distill, own_config=True),
     "export": Mode("the workdir's model as a diffusers DDPMPipeline folder (--out; EMA unless "
                    "--config.sampling.use_ema=false)", _export, one_process=True),
+    "posthoc_ema": Mode("the EMA of relative length --sigma_rel reconstructed from the run's "
+                        "post-hoc EMA snapshots, as a new workdir (--out; "
+                        "<workdir>/posthoc_ema_<sigma_rel>)", _posthoc_ema, one_process=True),
     "import": Mode("a diffusers UNet2DModel folder (--model) as a new workdir's step-0 "
                    "checkpoint", _import, own_config=True, one_process=True),
 }
@@ -109,7 +124,9 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
                                "configs", "default.py")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file.", lock_config=False)
 flags.DEFINE_string("workdir", "runs/", "Run folder (local or gs://): checkpoints, logs, samples.")
-flags.DEFINE_string("out", None, "--mode=export: the pipeline folder (<workdir>/diffusers).")
+flags.DEFINE_string("out", None, "--mode=export: the pipeline folder (<workdir>/diffusers); "
+                    "--mode=posthoc_ema: the new workdir.")
+flags.DEFINE_float("sigma_rel", None, "--mode=posthoc_ema: the relative EMA length to make.")
 flags.DEFINE_string("model", None, "--mode=import: a diffusers pipeline or UNet2DModel folder.")
 flags.DEFINE_enum("mode", "train", list(MODES),
                   "; ".join(f"{k}: {m.help}" for k, m in MODES.items()))

@@ -60,6 +60,7 @@ from ddpm_jax import (
   metrics,
   models,
   parallel,
+  posthoc_ema,
   progress,
   validation,
   writers,
@@ -365,9 +366,10 @@ def eval_settings(config, step: int) -> dict:
       "data": {k: config.data[k] for k in ("dataset", "eval_split", "image_size")}}))
 
 
-def _write(config, workdir, report, samples_u8, ref, nearest, writer) -> None:
-  """Process 0: <step>.json, <step>_samples.png, <step>_nearest.png, scalars, the table."""
-  name = config.eval.name
+def _write(config, workdir, report, samples_u8, ref, nearest, writer, name=None) -> None:
+  """Process 0: <step>.json, <step>_samples.png, <step>_nearest.png, scalars, the table.
+  ``name``: the report's name (default ``eval.name``); named reports stay out of the curves."""
+  name = config.eval.name if name is None else name
   step = report["step"]
   base = fs.join(workdir, "eval", f"{step}_{name}" if name else f"{step}")
   stem = unclaimed(lambda k: base if k == 1 else f"{base}-{k}", lambda p: f"{p}.json",
@@ -383,8 +385,103 @@ def _write(config, workdir, report, samples_u8, ref, nearest, writer) -> None:
   logging.info("wrote %s.json", stem)
 
 
+class _Evaluator:
+  """What every report of one ``evaluate`` call shares: the model, the held-out batches,
+  the reference features and the sampler, built once; ``__call__`` reports one set of
+  parameters."""
+
+  def __init__(self, config):
+    self.config, ev = config, config.eval
+    self.model = models.create_model(config)
+    self.schedule = diffusion.make_schedule(config.diffusion.schedule,
+                                            config.diffusion.num_timesteps)
+    source = datasets.get_source(config, config.data.eval_split,
+                                 with_labels=self.model.num_classes > 0)
+    self.val_loss = validation.ValidationLoss(config, self.model, self.schedule, source,
+                                              ev.num_examples, ev.batch_size)
+    self.term = make_term_fn(self.schedule, eps_fn_for(config, self.model, self.schedule))
+    self.ref = Reference.build(config, source) if ev.num_samples > 0 else None
+    self.sampler = (generate.Sampler(config, self.model, self.schedule)
+                    if self.ref is not None else None)
+
+  def __call__(self, params, step: int) -> tuple[dict, np.ndarray | None, tuple | None]:
+    """(report, uint8 samples or None, nearest neighbours or None) of ``params``."""
+    config, ev, val_loss = self.config, self.config.eval, self.val_loss
+    cond = val_loss.conditional  # the bound reuses the held-out batches ValidationLoss holds
+    report = bound_report(
+        config, self.schedule, self.term, params, val_loss.batches, step,
+        labels=val_loss.labels if cond else None,
+        null_labels=[val_loss.null_labels(x) for x in val_loss.batches] if cond else None)
+    report["settings"] = eval_settings(config, step)
+    vl = val_loss(params)
+    report["val_loss_per_t_bucket"] = {n: v for n, v in vl.items()
+                                       if n != "all" and not n.startswith("uncond_")}
+    if cond:
+      report["val_loss_uncond_per_t_bucket"] = {
+          n[len("uncond_"):]: v for n, v in vl.items()
+          if n.startswith("uncond_") and n != "uncond_all"}
+    if self.ref is None:
+      report["fid"] = report["kid"] = "not computed: eval.num_samples is 0"
+      return report, None, None
+    plan = self.sampler.plan
+    report["sampler"] = (f"{plan.sampler}, {plan.num_steps} steps, eta {plan.eta}, seed "
+                         f"{config.sampling.seed}" if plan.sampler != "ddpm" else
+                         f"ddpm, {plan.num_steps} steps")
+    sample_labels = None
+    if cond:  # conditioned as the held-out images are (unlabelled samples of a conditional
+      # model were one null label twice through guidance)
+      sample_labels = np.resize(np.concatenate([np.asarray(y) for y in val_loss.labels]),
+                                ev.num_samples)
+      report["sample_labels"] = (f"the held-out images' labels in turn, guidance scale "
+                                 f"{plan.guidance_scale}")
+    samples_u8 = images.to_uint8(generate.generate(config, self.sampler, params, ev.num_samples,
+                                                   desc="eval samples", labels=sample_labels)[0])
+    sample_report, nearest = sample_metrics(config, samples_u8, self.ref)
+    report.update(sample_report)
+    return report, samples_u8, nearest
+
+
+# The headline numbers of a post-hoc EMA sweep's summary (those a report has).
+SWEEP_KEYS = ("bits_per_dim", "fid", "kid", "fd_random_conv", "kid_random_conv",
+              "precision_random_conv", "recall_random_conv", "colour_w1_mean")
+
+
+def posthoc_sweep(config, workdir: str, run: _Evaluator, writer) -> list[dict]:
+  """One report per ``eval.posthoc_ema_sigma_rels`` length, reconstructed from the run's
+  newest post-hoc EMA snapshot (each snapshot read once for all lengths): reports
+  ``eval/<step>_posthoc_ema_<sigma_rel>.json`` and a summary ``eval/<step>_posthoc_ema.json``
+  ({sigma_rel: headline numbers}, the best length first by FID, else the random-network FD,
+  else bits/dim)."""
+  sigma_rels = [float(s) for s in config.eval.posthoc_ema_sigma_rels]
+  all_params, info = posthoc_ema.reconstruct_params(config, workdir, sigma_rels)
+  reports = []
+  for sigma_rel, params in zip(sigma_rels, all_params):
+    report, samples_u8, nearest = run(params, info["step"])
+    report["params"] = f"post-hoc EMA, sigma_rel {sigma_rel:g}"
+    report["posthoc_ema"] = {"sigma_rel": sigma_rel, "updates": info["updates"],
+                             "snapshots": len(info["snapshots"])}
+    report["settings"]["posthoc_ema_sigma_rel"] = sigma_rel
+    if parallel.is_main():
+      _write(config, workdir, report, samples_u8, run.ref, nearest, writer,
+             name=f"posthoc_ema_{sigma_rel:g}")
+    reports.append(report)
+  if parallel.is_main():
+    rows = [{"sigma_rel": r["posthoc_ema"]["sigma_rel"],
+             **{k: r[k] for k in SWEEP_KEYS if isinstance(r.get(k), float)}} for r in reports]
+    by = next((k for k in ("fid", "fd_random_conv", "bits_per_dim")
+               if all(k in row for row in rows)), None)
+    rows.sort(key=lambda row: row[by] if by else 0.0)
+    summary = {"step": info["step"], "updates": info["updates"], "ranked_by": by,
+               "lengths": rows}
+    fs.write_json(fs.join(workdir, "eval", f"{info['step']}_posthoc_ema.json"), summary)
+    print(f"post-hoc EMA sweep at step {info['step']} (ranked by {by}): " + ", ".join(
+        f"sigma_rel {row['sigma_rel']:g}: {row[by]:.4f}" for row in rows if by))
+  return reports
+
+
 def evaluate(config, workdir: str) -> list[dict]:
-  """Evaluates the checkpoints ``eval.checkpoints`` names; returns their reports.
+  """Evaluates the checkpoints ``eval.checkpoints`` names, then (``eval.
+  posthoc_ema_sigma_rels`` set) each post-hoc EMA length; returns their reports.
 
   Every process computes the same reports (the bound and the validation loss on its
   own first device, samples each its slice); process 0 writes them.
@@ -392,16 +489,10 @@ def evaluate(config, workdir: str) -> list[dict]:
   config_lib.validate(config, jax.device_count(), training=False)
   ev = config.eval
   workdir = fs.normalize(workdir)
-  steps = checkpoint_steps(workdir, ev.checkpoints)
-  model = models.create_model(config)
-  schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  source = datasets.get_source(config, config.data.eval_split,
-                                     with_labels=model.num_classes > 0)
-  val_loss = validation.ValidationLoss(config, model, schedule, source, ev.num_examples,
-                                       ev.batch_size)
-  term = make_term_fn(schedule, eps_fn_for(config, model, schedule))
-  ref = Reference.build(config, source) if ev.num_samples > 0 else None
-  sampler = generate.Sampler(config, model, schedule) if ref is not None else None
+  for s in ev.posthoc_ema_sigma_rels:
+    posthoc_ema.check_sigma_rel(float(s), "eval.posthoc_ema_sigma_rels")
+  steps = checkpoint_steps(workdir, ev.checkpoints) if ev.checkpoints != "none" else []
+  run = _Evaluator(config)
   writer = writers.MetricWriter(workdir, enabled=parallel.is_main(), name="eval")
   reports = []
   try:
@@ -412,43 +503,12 @@ def evaluate(config, workdir: str) -> list[dict]:
         if want is None:
           raise
         continue  # an unreadable one of several: set aside, with a warning
-      # The bound reuses the held-out batches ValidationLoss holds.
-      cond = val_loss.conditional
-      report = bound_report(
-          config, schedule, term, params, val_loss.batches, step,
-          labels=val_loss.labels if cond else None,
-          null_labels=[val_loss.null_labels(x) for x in val_loss.batches] if cond else None)
-      report["settings"] = eval_settings(config, step)
-      vl = val_loss(params)
-      report["val_loss_per_t_bucket"] = {n: v for n, v in vl.items()
-                                         if n != "all" and not n.startswith("uncond_")}
-      if cond:
-        report["val_loss_uncond_per_t_bucket"] = {
-            n[len("uncond_"):]: v for n, v in vl.items()
-            if n.startswith("uncond_") and n != "uncond_all"}
-      samples_u8 = nearest = None
-      if ref is None:
-        report["fid"] = report["kid"] = "not computed: eval.num_samples is 0"
-      else:
-        plan = sampler.plan
-        report["sampler"] = (f"{plan.sampler}, {plan.num_steps} steps, eta {plan.eta}, seed "
-                             f"{config.sampling.seed}" if plan.sampler != "ddpm" else
-                             f"ddpm, {plan.num_steps} steps")
-        sample_labels = None
-        if cond:  # conditioned as the held-out images are (unlabelled samples of a
-          # conditional model were one null label twice through guidance)
-          sample_labels = np.resize(np.concatenate([np.asarray(y) for y in val_loss.labels]),
-                                    ev.num_samples)
-          report["sample_labels"] = (f"the held-out images' labels in turn, guidance scale "
-                                     f"{plan.guidance_scale}")
-        samples_u8 = images.to_uint8(generate.generate(config, sampler, params, ev.num_samples,
-                                                       desc="eval samples",
-                                                       labels=sample_labels)[0])
-        sample_report, nearest = sample_metrics(config, samples_u8, ref)
-        report.update(sample_report)
+      report, samples_u8, nearest = run(params, step)
       if parallel.is_main():
-        _write(config, workdir, report, samples_u8, ref, nearest, writer)
+        _write(config, workdir, report, samples_u8, run.ref, nearest, writer)
       reports.append(report)
+    if ev.posthoc_ema_sigma_rels:
+      reports += posthoc_sweep(config, workdir, run, writer)
   finally:
     writer.close()
   return reports

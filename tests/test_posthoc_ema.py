@@ -11,10 +11,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax import diffusion, models, parallel, train
+from ddpm_jax import diffusion, evaluate, models, parallel, train
 from ddpm_jax import posthoc_ema as pe
 from ddpm_jax import state as state_lib
 from ddpm_jax.errors import ConfigError
+from tests import cli
 from tests.conftest import tiny_config
 
 
@@ -207,6 +208,47 @@ def test_reconstruct_writes_a_workdir_that_sampling_reads(full_run, tmp_path):
   direct = _flat(full_state.posthoc_ema[2])
   err = np.abs(_flat(mid) - direct).max()
   assert err < min(np.abs(_flat(p) - direct).max() for p in full_state.posthoc_ema[:2])
+
+
+def test_the_mode_writes_the_reconstruction_where_it_says(full_run, tmp_path):
+  """``--mode=posthoc_ema --sigma_rel=0.1`` prints its new workdir (the default under the run)
+  last, and that workdir's checkpoint is ``reconstruct``'s: the tracked 0.10 profile."""
+  config, full, full_state = full_run
+  job = cli.run(cli.main_py("--mode=posthoc_ema", "--workdir", full, "--sigma_rel=0.1",
+                            cwd=tmp_path), timeout=300)
+  out = os.path.join(full, "posthoc_ema_0.1")
+  assert job.output.strip().splitlines()[-1] == out, job.output[-2000:]
+  out_config, _ = ckpt_lib.newest_config(ckpt_lib.make_manager(out, read_only=True), out)
+  params, step = ckpt_lib.load_params(out_config, out)
+  assert step == 6
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(full_state.posthoc_ema[1])):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_eval_sweeps_lengths_as_evaluating_each_reconstruction_would(full_run, tmp_path):
+  """``eval.posthoc_ema_sigma_rels``: one report per length, each equal to evaluating that
+  length's reconstructed workdir as a plain checkpoint (the same bound, loss and samples);
+  the summary ranks the lengths by the best number they all have."""
+  config, full, _ = full_run
+  sweep = str(tmp_path / "sweep")
+  shutil.copytree(full, sweep)
+  c = tiny_config(**{"data.data_dir": config.data.data_dir, **RUN,
+                     "eval.posthoc_ema_sigma_rels": (0.10, 0.05), "eval.checkpoints": "none",
+                     "eval.num_samples": 8})
+  reports = evaluate.evaluate(c, sweep)
+  assert [r["posthoc_ema"]["sigma_rel"] for r in reports] == [0.10, 0.05]
+  pe.reconstruct(config, full, 0.05, str(tmp_path / "r05"))
+  plain = tiny_config(**{"data.data_dir": config.data.data_dir, "eval.num_samples": 8})
+  (direct,) = evaluate.evaluate(plain, str(tmp_path / "r05"))
+  for k in ("bits_per_dim", "val_loss_per_t_bucket", "fd_random_conv", "colour_w1_mean"):
+    assert reports[1][k] == direct[k], k
+  assert reports[0]["bits_per_dim"] != reports[1]["bits_per_dim"]  # two different models
+  summary = json.loads(open(os.path.join(sweep, "eval", "6_posthoc_ema.json")).read())
+  ranked = [row[summary["ranked_by"]] for row in summary["lengths"]]
+  assert summary["ranked_by"] == "fd_random_conv" and ranked == sorted(ranked)
+  assert sorted(row["sigma_rel"] for row in summary["lengths"]) == [0.05, 0.10]
+  for s in ("0.1", "0.05"):
+    assert os.path.exists(os.path.join(sweep, "eval", f"6_posthoc_ema_{s}.json"))
 
 
 def test_the_profiles_cannot_change_mid_run(full_run, tmp_path):
