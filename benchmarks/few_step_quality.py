@@ -79,7 +79,8 @@ def main():
   for name, workdir, steps in rows:
     config, params, step = load(workdir, steps)
     if ref is None:
-      ref = evaluate.Reference.build(config, datasets.get_source(config, config.data.eval_split))
+      data = datasets.prepare_data(config)
+      ref = evaluate.Reference.build(config, data, data.source(config.data.eval_split))
     schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
     sampler = generate.Sampler(config, models.create_model(config), schedule)
     times = []

@@ -205,7 +205,7 @@ class Reference:
   fid_unavailable: str
 
   @classmethod
-  def build(cls, config, heldout_source):
+  def build(cls, config, data: datasets.Prepared, heldout_source):
     ev = config.eval
     extractors = [features.random_conv()]
     weights = inception.resolve_weights_path(ev.inception_weights)
@@ -214,8 +214,7 @@ class Reference:
       if sha == "6726825d" and weights == inception.default_weights_path():
         sha = "known"  # a run saved before "auto": its .pth prefix, our own found file
       extractors.append(features.inception(weights, sha))
-    train_u8 = _load_uint8(datasets.get_source(config, config.data.train_split),
-                           ev.nn_max_train)
+    train_u8 = _load_uint8(data.source(config.data.train_split), ev.nn_max_train)
     ref_u8 = train_u8[:ev.num_reference]
     heldout = _load_uint8(heldout_source, ev.num_examples)
     return cls(extractors, train_u8, ref_u8,
@@ -395,12 +394,12 @@ class _Evaluator:
     self.model = models.create_model(config)
     self.schedule = diffusion.make_schedule(config.diffusion.schedule,
                                             config.diffusion.num_timesteps)
-    source = datasets.get_source(config, config.data.eval_split,
-                                 with_labels=self.model.num_classes > 0)
+    data = datasets.prepare_data(config)  # once: every split below opens from it
+    source = data.source(config.data.eval_split, with_labels=self.model.num_classes > 0)
     self.val_loss = validation.ValidationLoss(config, self.model, self.schedule, source,
                                               ev.num_examples, ev.batch_size)
     self.term = make_term_fn(self.schedule, eps_fn_for(config, self.model, self.schedule))
-    self.ref = Reference.build(config, source) if ev.num_samples > 0 else None
+    self.ref = Reference.build(config, data, source) if ev.num_samples > 0 else None
     self.sampler = (generate.Sampler(config, self.model, self.schedule)
                     if self.ref is not None else None)
 

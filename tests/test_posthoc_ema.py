@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax import diffusion, evaluate, models, parallel, train
+from ddpm_jax import datasets, diffusion, evaluate, models, parallel, train
 from ddpm_jax import posthoc_ema as pe
 from ddpm_jax import state as state_lib
 from ddpm_jax.errors import ConfigError
@@ -225,17 +225,25 @@ def test_the_mode_writes_the_reconstruction_where_it_says(full_run, tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
 
-def test_eval_sweeps_lengths_as_evaluating_each_reconstruction_would(full_run, tmp_path):
+def test_eval_sweeps_lengths_as_evaluating_each_reconstruction_would(full_run, tmp_path,
+                                                                     monkeypatch):
   """``eval.posthoc_ema_sigma_rels``: one report per length, each equal to evaluating that
   length's reconstructed workdir as a plain checkpoint (the same bound, loss and samples);
-  the summary ranks the lengths by the best number they all have."""
+  the summary ranks the lengths by the best number they all have. The data is prepared once
+  for the whole call, its held-out and training splits opened from it (with a gs:// data_dir
+  each preparation is a step all processes take together)."""
   config, full, _ = full_run
   sweep = str(tmp_path / "sweep")
   shutil.copytree(full, sweep)
   c = tiny_config(**{"data.data_dir": config.data.data_dir, **RUN,
                      "eval.posthoc_ema_sigma_rels": (0.10, 0.05), "eval.checkpoints": "none",
                      "eval.num_samples": 8})
+  prepared = []
+  get_builder = datasets.get_builder
+  monkeypatch.setattr(datasets, "get_builder", lambda cfg: prepared.append(1) or get_builder(cfg))
   reports = evaluate.evaluate(c, sweep)
+  assert len(prepared) == 1
+  monkeypatch.undo()
   assert [r["posthoc_ema"]["sigma_rel"] for r in reports] == [0.10, 0.05]
   pe.reconstruct(config, full, 0.05, str(tmp_path / "r05"))
   plain = tiny_config(**{"data.data_dir": config.data.data_dir, "eval.num_samples": 8})

@@ -35,7 +35,7 @@ from ddpm_jax.errors import DatasetError
 BUILT_IN = ("cartoon_faces", "anime_faces", "image_folder")
 __all__ = ["DatasetError", "get_builder", "data_dir", "load_split_in_memory",
            "hide_accelerators_from_tf", "get_source", "ArraySource", "TfdsArraySource",
-           "Source", "prepare"]
+           "Source", "prepare", "Prepared", "prepare_data"]
 
 
 def data_dir(config) -> str:
@@ -191,22 +191,37 @@ def load_split_in_memory(builder, split: str, image_key: str, image_size: int,
   return np.stack(imgs), (np.array(labels, np.int32) if label_key else None)
 
 
-def get_source(config, split: str, with_labels: bool = False) -> Source:
-  """The data source for ``config.data`` and ``split`` ("train"/"test" or a TFDS split).
+class Prepared:
+  """A run's data, prepared once (``prepare_data``; with a gs:// data_dir that is a step every
+  process takes together): open any of its splits as often as needed, with no new step."""
 
-  ``with_labels``: also read ``data.label_key`` (raises if the dataset has no labels).
-  """
-  data = config.data
-  builder = get_builder(config)
-  label_key = data.get("label_key", "label") if with_labels else None
-  names = class_names_of(builder, label_key) if with_labels else ()
-  if with_labels and not names:
-    raise DatasetError(
-        f"dataset {data.dataset!r} has no class labels (feature {label_key!r}); for an image "
-        f"folder put each class in its own sub-folder, or set --config.model.num_classes=0")
-  fmt = builder.info.file_format
-  if getattr(fmt, "value", fmt) == "array_record":
-    return TfdsArraySource(builder, split, data.image_key, data.image_size, label_key, names)
-  imgs, labels = load_split_in_memory(builder, split, data.image_key, data.image_size,
-                                      label_key)
-  return ArraySource(imgs, labels, names)
+  def __init__(self, data, builder):
+    self.data, self.builder = data, builder
+
+  def source(self, split: str, with_labels: bool = False) -> Source:
+    """The data source of ``split`` ("train"/"test" or a TFDS split). ``with_labels``: also
+    read ``data.label_key`` (raises if the dataset has no labels)."""
+    data, builder = self.data, self.builder
+    label_key = data.label_key if with_labels else None
+    names = class_names_of(builder, label_key) if with_labels else ()
+    if with_labels and not names:
+      raise DatasetError(
+          f"dataset {data.dataset!r} has no class labels (feature {label_key!r}); for an image "
+          f"folder put each class in its own sub-folder, or set --config.model.num_classes=0")
+    fmt = builder.info.file_format
+    if getattr(fmt, "value", fmt) == "array_record":
+      return TfdsArraySource(builder, split, data.image_key, data.image_size, label_key, names)
+    imgs, labels = load_split_in_memory(builder, split, data.image_key, data.image_size,
+                                        label_key)
+    return ArraySource(imgs, labels, names)
+
+
+def prepare_data(config) -> Prepared:
+  """``config.data`` prepared (``get_builder``), ready to open splits from."""
+  return Prepared(config.data, get_builder(config))
+
+
+def get_source(config, split: str, with_labels: bool = False) -> Source:
+  """One split of ``config.data``: ``prepare_data(config).source(split, with_labels)``. Code
+  that opens several splits prepares once with ``prepare_data`` and opens each from it."""
+  return prepare_data(config).source(split, with_labels)
