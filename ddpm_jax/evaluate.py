@@ -11,7 +11,7 @@ Held-out likelihood:
     t >= 1 + discretised decoder at t = 0) on 8-bit data, divided by D ln 2. With
     ``eval.timesteps_per_image = K > 0`` the prior and decoder terms are exact and the
     KL terms of t >= 1 are estimated with one timestep in each of K quadratically
-    spaced strata per image (``strata``); each image's estimate is unbiased and the
+    spaced strata per image (``bound.strata``); each image's estimate is unbiased and the
     standard error is over images (it includes the data's own spread). K = 0 sums all
     T terms exactly.
   * the loss (eps-MSE; v- or x0-MSE for such models) per tenth of the timesteps
@@ -42,12 +42,11 @@ import json
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import (
+  bound,
   config_lib,
   datasets,
   diffusion,
@@ -65,55 +64,9 @@ from ddpm_jax import (
   validation,
   writers,
 )
+from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax.errors import ConfigError, NoCheckpointError
 from ddpm_jax.modes import unclaimed
-
-
-def strata(T: int, k: int) -> np.ndarray:
-  """Boundaries 1 = b_0 < ... < b_m = T of m <= k strata over t = 1..T-1, quadratically
-  spaced: narrow strata at small t, where the KL terms are large and change fast."""
-  b = np.unique(np.round(1 + (T - 1) * (np.arange(k + 1) / k) ** 2).astype(np.int64))
-  return b
-
-
-def stratified_timesteps(key, n: int, T: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """(m, n) int32 timesteps, row j uniform in stratum [b_j, b_{j+1}) of ``strata``, and
-  the (m,) stratum widths that weight them (so the weighted sum is unbiased)."""
-  b = strata(T, k)
-  u = np.asarray(jax.random.uniform(key, (len(b) - 1, n)))
-  lo, width = b[:-1, None], np.diff(b)[:, None]
-  t = np.minimum(lo + np.floor(u * width), b[1:, None] - 1).astype(np.int32)
-  return t, np.diff(b).astype(np.float64)
-
-
-def make_term_fn(schedule, eps_fn_p):
-  """Jitted ``term(params, x0, t, noise, labels=None)`` -> per-image vlb term, with
-  ``eps_fn_p(params, labels) -> eps_fn``; build once, reuse."""
-  return jax.jit(lambda p, x, t, z, y=None: diffusion.vlb_term(schedule, eps_fn_p(p, y), x, t,
-                                                               z))
-
-
-def bound_per_image(schedule, term, params, x0, key, k: int, on_term=None, labels=None):
-  """Per-image variational bound in nats (float64 on the host); ``term`` from make_term_fn.
-
-  k = 0: every t. k > 0: the prior and the decoder term (t = 0) exactly, and the KL
-  terms of t = 1..T-1 from k quadratically spaced strata, one t per stratum and image.
-  """
-  T = schedule.num_timesteps
-  n = x0.shape[0]
-  total = np.asarray(diffusion.prior_kl(schedule, x0), np.float64)
-  if k <= 0:  # exact: every t
-    rows, weights = np.repeat(np.arange(T, dtype=np.int32)[:, None], n, 1), np.ones(T)
-  else:
-    t, w = stratified_timesteps(key, n, T, k)
-    rows = np.concatenate([np.zeros((1, n), np.int32), t])
-    weights = np.concatenate([[1.0], w])
-  for j, (t, w) in enumerate(zip(rows, weights)):
-    z = jax.random.normal(jax.random.fold_in(key, j + 1), x0.shape)
-    total += w * np.asarray(term(params, x0, jnp.asarray(t), z, labels), np.float64)
-    if on_term is not None:
-      on_term(1)
-  return total
 
 
 def eps_fn_for(config, model, schedule):
@@ -318,11 +271,12 @@ def _bits_per_dim(config, schedule, term, params, heldout: list, labels: list, s
   T, k = schedule.num_timesteps, int(config.eval.timesteps_per_image)
   key = jax.random.key(config.sampling.seed)
   bounds = []
-  terms = T if k <= 0 else len(strata(T, k))  # network calls per batch
+  terms = T if k <= 0 else len(bound.strata(T, k))  # network calls per batch
   with progress.Progress(len(heldout) * terms, f"{what} @{step}", "call") as bar:
     for b, (x0, y) in enumerate(zip(heldout, labels)):
-      bounds.append(bound_per_image(schedule, term, params, x0, jax.random.fold_in(key, b), k,
-                                    on_term=bar.update, labels=y))
+      bounds.append(bound.bound_per_image(schedule, term, params, x0,
+                                          jax.random.fold_in(key, b), k, on_term=bar.update,
+                                          labels=y))
   dims = config.data.image_size ** 2 * config.data.num_channels
   return np.concatenate(bounds) / (dims * math.log(2))
 
@@ -398,7 +352,8 @@ class _Evaluator:
     source = data.source(config.data.eval_split, with_labels=self.model.num_classes > 0)
     self.val_loss = validation.ValidationLoss(config, self.model, self.schedule, source,
                                               ev.num_examples, ev.batch_size)
-    self.term = make_term_fn(self.schedule, eps_fn_for(config, self.model, self.schedule))
+    self.term = bound.make_term_fn(self.schedule,
+                                   eps_fn_for(config, self.model, self.schedule))
     self.ref = Reference.build(config, data, source) if ev.num_samples > 0 else None
     self.sampler = (generate.Sampler(config, self.model, self.schedule)
                     if self.ref is not None else None)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import datasets, diffusion, evaluate, features, inception, metrics
+from ddpm_jax import bound, datasets, diffusion, evaluate, features, inception, metrics
 
 # ------------------------------------------------------------------ bits/dim estimator
 
@@ -28,10 +28,10 @@ def test_bound_exact_sum_matches_closed_form_and_stratified_estimate_is_unbiased
   T, mu, sd, n, d = 200, 0.1, 0.4, 512, 3
   s = diffusion.make_schedule("linear", T)
   eps_fn = analytic.gaussian_eps_fn(s, mu, sd)
-  term = evaluate.make_term_fn(s, lambda p, y=None: eps_fn)
+  term = bound.make_term_fn(s, lambda p, y=None: eps_fn)
   x0 = mu + sd * jax.random.normal(jax.random.key(0), (n, d))
   key = jax.random.key(1)
-  exact = evaluate.bound_per_image(s, term, None, x0, key, 0)
+  exact = bound.bound_per_image(s, term, None, x0, key, 0)
   decoder = np.asarray(term(None, x0, jnp.zeros((n,), jnp.int32),
                             jax.random.normal(jax.random.fold_in(key, 1), x0.shape)), np.float64)
   ab = np.asarray(s.alphas_cumprod, np.float64)
@@ -46,7 +46,7 @@ def test_bound_exact_sum_matches_closed_form_and_stratified_estimate_is_unbiased
   se = (exact - decoder).std() / math.sqrt(n)
   assert abs(got - (kl.sum() + prior)) < 4 * se + 1e-3, (got, kl.sum() + prior, se)
 
-  est = evaluate.bound_per_image(s, term, None, x0, jax.random.key(2), 8)
+  est = bound.bound_per_image(s, term, None, x0, jax.random.key(2), 8)
   diff = est - exact  # paired: same images
   assert abs(diff.mean()) < 4 * diff.std() / math.sqrt(n) + 1e-4, (diff.mean(), diff.std())
   assert est.std() < 3 * exact.std()  # stratification keeps the spread of the estimate modest
@@ -54,9 +54,9 @@ def test_bound_exact_sum_matches_closed_form_and_stratified_estimate_is_unbiased
 
 def test_strata_cover_every_timestep_once():
   for T, k in ((1000, 16), (100, 4), (10, 16)):
-    b = evaluate.strata(T, k)
+    b = bound.strata(T, k)
     assert b[0] == 1 and b[-1] == T and np.all(np.diff(b) > 0) and len(b) - 1 <= k
-    t, w = evaluate.stratified_timesteps(jax.random.key(0), 500, T, k)
+    t, w = bound.stratified_timesteps(jax.random.key(0), 500, T, k)
     assert w.sum() == T - 1
     assert np.all((t >= b[:-1, None]) & (t < b[1:, None]))
 
@@ -77,10 +77,10 @@ def test_bits_per_dim_falls_as_training_goes_on(config):
   batches = input_pipeline.TrainBatches(datasets.get_source(config, "train"), 16, seed=0)
   held = jnp.asarray(next(input_pipeline.eval_batches(
       datasets.get_source(config, "test"), 32, 32)))
-  term = evaluate.make_term_fn(s, evaluate.eps_fn_for(config, model, s))
+  term = bound.make_term_fn(s, evaluate.eps_fn_for(config, model, s))
 
   def bpd(params):
-    nats = evaluate.bound_per_image(s, term, params, held, jax.random.key(7), 8)
+    nats = bound.bound_per_image(s, term, params, held, jax.random.key(7), 8)
     return nats / (np.prod(held.shape[1:]) * math.log(2))
 
   before = bpd(state.params)
