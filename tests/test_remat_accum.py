@@ -19,12 +19,24 @@ def _leaves_close(a, b, rtol=1e-5, atol=1e-6):
     np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
 
 
-def _grads(config, params=None, x=None):
+def _setup(config):
+  """test_train's set-up with every parameter moved off its initial value: at init the
+  zero-initialised output convs block the gradient of everything before them, so no
+  gradient would depend on dropout (or remat) at all; a trained model's do."""
   model, schedule, tx, state = setup(config)
+  leaves, tree = jax.tree.flatten(state.params)
+  keys = jax.random.split(jax.random.key(11), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape, p.dtype)
+                                     for p, k in zip(leaves, keys)])
+  return model, schedule, tx, state.replace(params=params, ema_params=params)
+
+
+def _grads(config, params=None, x=None, dropout_fold=3):
+  model, schedule, tx, state = _setup(config)
   objective = train.denoising_objective(config, model, schedule)
   x = batch(8) if x is None else x
   keys = jax.random.split(jax.random.key(5), 8)
-  dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(keys)
+  dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, dropout_fold))(keys)
   fn = jax.jit(lambda p: train.accumulated_grads(
       objective, p, (x, None, keys, dropout_keys), None, config.training.microbatches))
   return fn(state.params if params is None else params)
@@ -59,7 +71,7 @@ def test_remat_gives_the_same_loss_and_gradients_on_one_device():
 
 
 def _two_pmap_steps(config):
-  model, schedule, tx, state = setup(config)
+  model, schedule, tx, state = _setup(config)
   p_step = train.make_p_train_step(config, model, schedule, tx)
   sr = parallel.replicate(state)
   for seed in (0, 1):
@@ -69,7 +81,7 @@ def _two_pmap_steps(config):
 
 
 def _two_single_steps(config):
-  model, schedule, tx, state = setup(config)
+  model, schedule, tx, state = _setup(config)
   step = jax.jit(train.make_train_step(config, model, schedule, tx, axis_name=None))
   for seed in (0, 1):
     state, m = step(state, batch(8, seed=seed), jax.random.key(3))
@@ -95,17 +107,24 @@ def test_k_microbatches_give_the_whole_batch_update():
   whole, mw = _two_single_steps(tiny_config(**ON))
   micro, mm = _two_single_steps(tiny_config(**{"training.microbatches": 4, **ON}))
   assert int(micro.step) == int(whole.step) == 2
-  _leaves_close(micro, whole, rtol=1e-4)
+  # Adam divides by sqrt(v): where a gradient is tiny the reassociated sums' ulp noise grows
+  # to ~1e-3 relative in the update (the gradients themselves agree to 1e-5 above)
+  _leaves_close(micro, whole, rtol=1e-3, atol=1e-5)
   np.testing.assert_array_equal(mm["loss_bucket_count"], mw["loss_bucket_count"])
   np.testing.assert_allclose(mm["loss_bucket_sum"], mw["loss_bucket_sum"], rtol=1e-5)
 
 
 def test_four_devices_equal_one_device_with_dropout_on():
-  """Dropout is per example: splitting the batch over 4 devices drops the same units."""
+  """Dropout is per example: splitting the batch over 4 devices drops the same units. (That
+  the comparison can see dropout at all: other masks give other gradients.)"""
+  _, g, _, _ = _grads(tiny_config(**ON))
+  _, g_other, _, _ = _grads(tiny_config(**ON), dropout_fold=4)
+  assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g),
+                                                         jax.tree.leaves(g_other))) > 1e-3
   one, m1 = _two_single_steps(tiny_config(**ON))
   four, m4 = _two_pmap_steps(tiny_config(**ON))
   np.testing.assert_allclose(m4["loss"][0, 0], m1["loss"], rtol=1e-5)
-  _leaves_close(four, one, rtol=1e-4)
+  _leaves_close(four, one, rtol=1e-3, atol=1e-5)  # Adam's ulp amplification, as above
 
 
 def test_resume_is_bitwise_exact_with_remat_and_microbatches(tmp_path, data_dir):
