@@ -89,6 +89,7 @@ def check_batch_size(value: int, num_devices: int, what: str) -> int:
 def validate(config, num_devices: int = 1, training: bool = True) -> None:
   """Raises ConfigError for the first problem found in ``config``; ``training=False`` (the
   generation and eval modes) skips what only training uses (its batch on these devices)."""
+  config = with_defaults(config)  # validated as complete() leaves it: every field there
   d, m, s, o = config.data, config.model, config.sampling, config.optim
   levels = len(m.ch_mult)
   if levels < 1:
@@ -106,7 +107,7 @@ def validate(config, num_devices: int = 1, training: bool = True) -> None:
     if (m.ch * mult) % m.num_groups:
       raise ConfigError(f"model.ch * ch_mult = {m.ch * mult} is not divisible by "
                         f"model.num_groups={m.num_groups}")
-  if setting(config, "model.dtype") not in ("float32", "bfloat16"):
+  if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"model.dtype={m.dtype!r}: use 'float32' or 'bfloat16'")
   if m.prediction_type not in diffusion.PREDICTION_TYPES:
     raise ConfigError(f"model.prediction_type={m.prediction_type!r}: use one of "
@@ -122,7 +123,7 @@ def validate(config, num_devices: int = 1, training: bool = True) -> None:
     raise ConfigError(f"diffusion.num_timesteps={config.diffusion.num_timesteps}: {e}") from None
   if training:
     _validate_training(config, num_devices)
-    k = setting(config, "training.microbatches")
+    k = config.training.microbatches
     per_device = config.training.batch_size // num_devices
     if isinstance(k, bool) or not isinstance(k, int) or k < 1 or per_device % k:
       near = k if isinstance(k, int) and not isinstance(k, bool) else 1
@@ -130,8 +131,8 @@ def validate(config, num_devices: int = 1, training: bool = True) -> None:
       raise ConfigError(f"training.microbatches={k!r} must be a divisor of the per-device batch "
                         f"{per_device} (training.batch_size over {num_devices} devices): set "
                         f"--config.training.microbatches={fix}")
-  if setting(config, "model.remat") not in REMATS:
-    raise ConfigError(f"model.remat={setting(config, 'model.remat')!r}: use one of {REMATS}")
+  if config.model.remat not in REMATS:
+    raise ConfigError(f"model.remat={m.remat!r}: use one of {REMATS}")
   check_batch_size(s.batch_size, num_devices, "sampling.batch_size")
   if o.optimizer not in ("adam", "adamw"):
     raise ConfigError(f"optim.optimizer={o.optimizer!r}: use 'adam' or 'adamw'")
@@ -177,7 +178,7 @@ def _validate_training(config, num_devices: int) -> None:
   t = config.training
   check_batch_size(t.batch_size, num_devices, "training.batch_size")
   for name, least, meaning in _TRAINING_COUNTS:
-    value = setting(config, f"training.{name}")
+    value = config.training[name]
     if value < least:
       raise ConfigError(f"training.{name}={value} must be >= {least} ({meaning})")
   for name in ("checkpoint_every_steps", "num_train_steps"):
@@ -199,7 +200,8 @@ def _validate_training(config, num_devices: int) -> None:
 def _check_number(config, path: str, ok, rule: str) -> None:
   """ConfigError unless the field at ``path`` is a finite number for which ``ok`` holds
   (NaN fails every comparison, so it is named apart: "nan must be > 0" reads oddly)."""
-  value = setting(config, path)
+  section, field = path.split(".")
+  value = config[section][field]
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
     raise ConfigError(f"{path}={value!r} must be a finite number {rule}")
   if not ok(value):
@@ -207,24 +209,24 @@ def _check_number(config, path: str, ok, rule: str) -> None:
 
 
 def _validate_generation(config) -> None:
-  if setting(config, "model.num_classes") < 0:
+  if config.model.num_classes < 0:
     raise ConfigError("model.num_classes must be >= 0 (0 = unconditional)")
   for field, allowed in (("time_conditioning", ("add", "scale_shift")),
                          ("attention", ("softmax", "linear")), ("resample", ("conv", "pool"))):
-    value = setting(config, f"model.{field}")
+    value = config.model[field]
     if value not in allowed:
       raise ConfigError(f"model.{field}={value!r}: use one of {allowed}")
-  label_dropout = setting(config, "training.label_dropout")
+  label_dropout = config.training.label_dropout
   if not 0.0 <= label_dropout < 1.0:
     raise ConfigError(f"training.label_dropout={label_dropout} must be in [0, 1)")
-  guidance_scale = setting(config, "sampling.guidance_scale")
+  guidance_scale = config.sampling.guidance_scale
   if guidance_scale < 0:
     raise ConfigError(f"sampling.guidance_scale={guidance_scale} must be >= 0 (0: "
                       f"unconditional, 1: conditional, > 1: guided)")
-  resample_steps = setting(config, "sampling.resample_steps")
+  resample_steps = config.sampling.resample_steps
   if resample_steps < 1:
     raise ConfigError(f"sampling.resample_steps={resample_steps} must be >= 1")
-  strength = setting(config, "sampling.strength")
+  strength = config.sampling.strength
   if not 0.0 < strength <= 1.0:
     raise ConfigError(f"sampling.strength={strength} must be in (0, 1]")
 

@@ -161,13 +161,13 @@ def unet_config(config) -> dict:
   UNet2DModel cannot reproduce."""
   m = config.model
   for field, ours in (("attention", "softmax"), ("resample", "conv")):
-    value = config_lib.setting(config, f"model.{field}")
+    value = config.model[field]
     if value != ours:
       raise ConfigError(f"model.{field}={value!r} has no diffusers UNet2DModel equivalent "
                         f"(it has {field} {ours!r} only): this model cannot be exported")
   ch, mult, levels = int(m.ch), [int(v) for v in m.ch_mult], _attn_levels(config)
   attn_channels = sorted({ch * k for k, a in zip(mult, levels) if a} | {ch * mult[-1]})
-  heads = int(config_lib.setting(config, "model.num_heads"))
+  heads = int(m.num_heads)
   if heads == 1:
     head_dim = None
   elif len(attn_channels) == 1 and attn_channels[0] % heads == 0:
@@ -177,8 +177,8 @@ def unet_config(config) -> dict:
                       f"UNet2DModel has one attention_head_dim for every level, so its head "
                       f"counts would differ; only num_heads=1 exports with these channels")
   shift = {"add": "default", "scale_shift": "scale_shift"}[
-      config_lib.setting(config, "model.time_conditioning")]
-  num_classes = int(config_lib.setting(config, "model.num_classes"))
+      m.time_conditioning]
+  num_classes = int(m.num_classes)
   out = dict(UNET_DEFAULTS)
   out.update({
       "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
@@ -187,7 +187,7 @@ def unet_config(config) -> dict:
       "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in levels],
       "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(levels)],
       "block_out_channels": [ch * k for k in mult], "layers_per_block": int(m.num_res_blocks),
-      "downsample_padding": _PADDINGS[config_lib.setting(config, "model.downsample_padding")],
+      "downsample_padding": _PADDINGS[m.downsample_padding],
       "dropout": float(m.dropout), "attention_head_dim": head_dim,
       "norm_num_groups": int(m.num_groups), "norm_eps": NORM_EPS,
       # diffusers drops the mid attention's norm under scale_shift unless this is set; ours has it

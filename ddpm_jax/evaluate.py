@@ -113,8 +113,8 @@ def _cache_dir(config) -> str:
 def reference_features(config, extractor, ref_u8: np.ndarray) -> np.ndarray:
   """Features of the reference images, cached per data set, split, N and extractor."""
   d = config.data
-  ident = json.dumps({"dataset": d.dataset, "folder": d.get("folder"),
-                      "manual_dir": d.get("manual_dir"), "size": d.image_size,
+  ident = json.dumps({"dataset": d.dataset, "folder": d.folder,
+                      "manual_dir": d.manual_dir, "size": d.image_size,
                       "split": d.train_split, "n": len(ref_u8), "extractor": extractor.fingerprint,
                       "pixels": hashlib.sha1(ref_u8.tobytes()).hexdigest()}, sort_keys=True)
   key = hashlib.sha1(ident.encode()).hexdigest()[:16]
@@ -440,7 +440,7 @@ def evaluate(config, workdir: str) -> list[dict]:
   Every process computes the same reports (the bound and the validation loss on its
   own first device, samples each its slice); process 0 writes them.
   """
-  config_lib.validate(config, jax.device_count(), training=False)
+  config = config_lib.complete(config, jax.device_count(), training=False)
   ev = config.eval
   workdir = fs.normalize(workdir)
   for s in ev.posthoc_ema_sigma_rels:

@@ -242,22 +242,19 @@ class UNet(nn.Module):
 
 
 def create_model(config) -> UNet:
-  """Builds the U-Net from a full config (uses ``config.model`` and ``config.data``)."""
+  """Builds the U-Net from a complete config (``config_lib.complete``: every field there;
+  uses ``config.model`` and ``config.data``)."""
   m = config.model
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.get("dtype", "float32")]
-  return UNet(ch=m.ch, out_ch=config.data.get("num_channels", 3), ch_mult=tuple(m.ch_mult),
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[m.dtype]
+  return UNet(ch=m.ch, out_ch=config.data.num_channels, ch_mult=tuple(m.ch_mult),
               num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
-              dropout=m.dropout, num_heads=m.get("num_heads", 1),
-              num_groups=m.get("num_groups", 32), dtype=dtype,
-              num_classes=m.get("num_classes", 0),
-              time_conditioning=m.get("time_conditioning", "add"),
-              attention=m.get("attention", "softmax"), resample=m.get("resample", "conv"),
-              downsample_padding=_downsample_padding(config),
-              remat=config_lib.setting(config, "model.remat"))
+              dropout=m.dropout, num_heads=m.num_heads, num_groups=m.num_groups, dtype=dtype,
+              num_classes=m.num_classes, time_conditioning=m.time_conditioning,
+              attention=m.attention, resample=m.resample,
+              downsample_padding=_downsample_padding(m.downsample_padding), remat=m.remat)
 
 
-def _downsample_padding(config) -> str:
-  value = config_lib.setting(config, "model.downsample_padding")
+def _downsample_padding(value: str) -> str:
   if value not in DOWNSAMPLE_PADDINGS:
     raise ConfigError(f"model.downsample_padding={value!r}: use one of {DOWNSAMPLE_PADDINGS}")
   return value

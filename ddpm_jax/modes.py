@@ -56,7 +56,7 @@ def mode_config(config, mode: str, **forced):
   the fields it lacks from ``configs/default.py``, the sampler's canonical name, and the
   ``sampling`` fields the mode needs (``forced``); each forced value that differs from
   the user's is said once."""
-  config = config_lib.with_defaults(config)
+  config = config_lib.with_defaults(config)  # validated in _setup, with the forced values
   s = config.sampling
   s.sampler = sampling.canonical_sampler(s.sampler)
   for field, value in forced.items():
@@ -95,7 +95,7 @@ def all_settings(config, step: int, mode: str, **extra) -> dict:
   ``sampling`` section and the diffusion schedule (plus ``extra``)."""
   out = {"mode": mode, "checkpoint_step": int(step), "sampling": config.sampling.to_dict(),
          "diffusion": config.diffusion.to_dict()}
-  if config_lib.setting(config, "distill.round"):  # a distilled student
+  if config.distill.round:  # a distilled student
     out["distill"] = config.distill.to_dict()
   return {**out, **extra}
 
@@ -128,7 +128,7 @@ def settings_report(config, plan: sampling.Plan, step: int, mode: str, labels=No
   s = config.sampling
   report = {"checkpoint_step": int(step), **plan.report(), "seed": int(s.seed),
             "use_ema": bool(s.use_ema)}
-  if config_lib.setting(config, "distill.round"):
+  if config.distill.round:
     d = config.distill
     report["distilled"] = {"round": int(d.round), "teacher_steps": int(d.teacher_steps),
                            "student_steps": int(d.teacher_steps) // 2,

@@ -119,7 +119,7 @@ def update(profiles, params, count, gammas):
 
 def sigma_rels(config) -> tuple:
   """The tracked relative stds (``training.posthoc_ema_sigma_rels``); () when off."""
-  return tuple(float(s) for s in config_lib.setting(config, "training.posthoc_ema_sigma_rels"))
+  return tuple(float(s) for s in config.training.posthoc_ema_sigma_rels)
 
 
 def gammas(config) -> tuple:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ddpm_jax import config_lib, models
+from ddpm_jax import models
 
 
 @flax.struct.dataclass
@@ -29,7 +29,7 @@ class PosthocTrainState(TrainState):
 
 
 def posthoc_sigma_rels(config) -> tuple:
-  return tuple(config_lib.setting(config, "training.posthoc_ema_sigma_rels"))
+  return tuple(config.training.posthoc_ema_sigma_rels)
 
 
 def make_lr_schedule(config) -> optax.Schedule:
@@ -73,7 +73,7 @@ def ema_decay_at(count, config):
   """EMA decay for the update after ``count`` applied updates: fixed, or
   min(decay, (1 + n) / (10 + n)) with warm-up."""
   decay = config.training.ema_decay
-  if config_lib.setting(config, "training.ema_warmup"):
+  if config.training.ema_warmup:
     n = jnp.asarray(count).astype(jnp.float32)
     decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
   return decay
