@@ -312,8 +312,8 @@ def _train(config, workdir, mngr, lock, stop, is_main, objective):
       _keep_old_metrics(workdir)
   logging.info("model: %s parameters", f"{models.count_params(state.params):,}")
 
-  source = datasets.get_source(config, config.data.train_split,
-                                     with_labels=model.num_classes > 0)
+  data = datasets.prepare_data(config)  # once: the train and held-out splits open from it
+  source = data.source(config.data.train_split, with_labels=model.num_classes > 0)
   if model.num_classes:
     _check_classes(source.class_names, model.num_classes, workdir, is_main)
   batches = input_pipeline.TrainBatches(
@@ -326,7 +326,7 @@ def _train(config, workdir, mngr, lock, stop, is_main, objective):
   writer.drop_after(step)  # lines a killed run logged past its last checkpoint come again
   run = _Run(config, workdir, mngr, lock, stop, writer, step, parallel.replicate(state),
              make_p_train_step(config, model, schedule, tx, objective), train_key, batches,
-             _SideWork(config, model, schedule, source))
+             _SideWork(config, model, schedule, source, data))
   try:
     agreed = run.loop()
   except BaseException:
@@ -411,7 +411,7 @@ class _SideWork:
   """EMA sample grids every ``training.sample_every_steps`` and the held-out loss every
   ``training.eval_every_steps`` (off when 0)."""
 
-  def __init__(self, config, model, schedule, source):
+  def __init__(self, config, model, schedule, source, data: datasets.Prepared):
     t = config.training
     self.config = config
     self.grid_sampler = generate.Sampler(config, model, schedule) if t.sample_every_steps else None
@@ -421,8 +421,7 @@ class _SideWork:
     if t.get("eval_every_steps", 0):
       self.val_loss = validation.ValidationLoss(
           config, model, schedule,
-          datasets.get_source(config, config.data.eval_split,
-                                    with_labels=model.num_classes > 0),
+          data.source(config.data.eval_split, with_labels=model.num_classes > 0),
           config.eval.num_examples, config.eval.batch_size)
 
   def __call__(self, step: int, state_r, writer, workdir: str) -> None:

@@ -141,6 +141,20 @@ def test_saves_asked_for_by_the_clock_are_agreed_and_not_repeated(tmp_path, data
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [2, 4, 6, 7]
 
 
+def test_a_run_prepares_its_data_once_for_training_and_the_held_out_loss(tmp_path, data_dir,
+                                                                        monkeypatch):
+  """The train split and the held-out split (``training.eval_every_steps``) open from one
+  preparation: with a gs:// data_dir each preparation is a step every process takes."""
+  from ddpm_jax import datasets
+  prepared, get_builder = [], datasets.get_builder
+  monkeypatch.setattr(datasets, "get_builder", lambda c: prepared.append(1) or get_builder(c))
+  config = tiny_config(**{"data.data_dir": data_dir, "training.num_train_steps": 2,
+                          "training.eval_every_steps": 2})
+  train.train_and_evaluate(config, str(tmp_path))
+  assert len(prepared) == 1
+  assert any('"val/loss_' in line for line in open(tmp_path / "metrics.jsonl"))  # it evaluated
+
+
 def test_checkpoint_save_restore_is_identical(tmp_path):
   config = tiny_config()
   model, schedule, tx, state = setup(config)
