@@ -18,7 +18,6 @@ import numpy as np
 from absl import logging
 
 from ddpm_jax import (
-  config_lib,
   diffusion,
   images,
   models,
@@ -48,9 +47,9 @@ def student_timesteps(config, num_timesteps: int, t_start: int | None = None):
   """A distilled student's own DDIM grid (a tuple), from ``t_start`` when given (which must
   be on it: see ``snap_to_grid``); None for other models, or where the config asks for
   another sampler, step count or spacing than the student was trained for."""
-  if not config_lib.setting(config, "distill.round"):
+  if not config.distill.round:
     return None
-  s, n = config.sampling, int(config_lib.setting(config, "distill.teacher_steps")) // 2
+  s, n = config.sampling, int(config.distill.teacher_steps) // 2
   if sampling.canonical_sampler(s.sampler) != "ddim" or s.num_steps != n or \
       s.spacing != "trailing":
     return None
@@ -77,12 +76,12 @@ def plan_for(config, schedule, *, t_start: int | None = None, frames: bool = Fal
   s, T = config.sampling, schedule.num_timesteps
   grid = student_timesteps(config, T, t_start)
   num_steps = s.num_steps if t_start is None else timesteps.steps_from(s.num_steps, t_start, T)
-  resample = int(config_lib.setting(config, "sampling.resample_steps")) if inpaint else 1
+  resample = int(config.sampling.resample_steps) if inpaint else 1
   return sampling.make_plan(
       s.sampler, schedule, num_steps=num_steps, spacing=s.spacing, t_start=t_start,
       timesteps=grid, distilled=grid is not None, eta=float(s.eta),
       variance=s.ddpm_variance, clip_x0=bool(s.clip_x0),
-      guidance_scale=float(config_lib.setting(config, "sampling.guidance_scale")),
+      guidance_scale=float(config.sampling.guidance_scale),
       resample_steps=resample, num_frames=int(s.num_frames) if frames else 0)
 
 
@@ -101,9 +100,9 @@ def consistency_plan(config, schedule, *, t_start: int | None = None, inpaint: b
   if inpaint:
     raise ConfigError("--mode=inpaint needs a diffusion model's steps (RePaint): a consistency-"
                       "tuned workdir cannot; inpaint with its teacher, "
-                      f"{config_lib.setting(config, 'consistency.teacher')}")
+                      f"{config.consistency.teacher}")
   s = config.sampling
-  if config.model.num_classes and float(config_lib.setting(config, "sampling.guidance_scale")) \
+  if config.model.num_classes and float(config.sampling.guidance_scale) \
       != 1.0 and parallel.is_main():
     logging.info("a consistency model samples its labels unguided (guidance scale 1; the "
                  "config has sampling.guidance_scale=%s)", s.guidance_scale)
@@ -219,7 +218,7 @@ class Sampler:
     if self.plan.sampler == "consistency":
       raise ConfigError("DDIM inversion (--mode=reconstruct, interpolate_images) needs a "
                         "diffusion model's ODE: a consistency-tuned workdir has none; use its "
-                        f"teacher, {config_lib.setting(self.config, 'consistency.teacher')}")
+                        f"teacher, {self.config.consistency.teacher}")
     return self._per_device(self._p_invert, params, np.asarray(x0, np.float32), labels)
 
   def grid(self, params, num: int = 16, seed: int = 0, labels=None) -> np.ndarray:

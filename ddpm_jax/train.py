@@ -146,8 +146,8 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
   T = schedule.num_timesteps
   objective = objective or denoising_objective(config, model, schedule)
   lr_fn = state_lib.make_lr_schedule(config)
-  label_dropout = float(config_lib.setting(config, "training.label_dropout"))
-  microbatches = int(config_lib.setting(config, "training.microbatches"))
+  label_dropout = float(config.training.label_dropout)
+  microbatches = int(config.training.microbatches)
 
   def train_step(state: TrainState, batch, key, extra=None):
     x0, labels = ((batch["image"], batch.get("label")) if isinstance(batch, dict)
@@ -266,7 +266,7 @@ def train_and_evaluate(config, workdir: str, objective: Objective | None = None)
   after ``training.max_bad_steps`` consecutive non-finite steps (DivergenceError).
   Returns the final host state.
   """
-  config_lib.validate(config, jax.device_count())
+  config = config_lib.complete(config, jax.device_count())
   posthoc_ema.check_config(config)
   workdir = fs.normalize(workdir)
   is_main = parallel.is_main()
