@@ -448,7 +448,7 @@ def test_a_conditional_model_is_validated_with_its_labels_and_unconditionally_be
   np.testing.assert_allclose(out["uncond_all"], by_hand([vl.null_labels(x) for x in vl.batches]),
                              rtol=1e-5)
   assert abs(out["all"] - out["uncond_all"]) > 1e-4
-  term = ev.make_term_fn(schedule, ev.eps_fn_for(config, model, schedule))
+  term = bound.make_term_fn(schedule, ev.eps_fn_for(config, model, schedule))
   report = ev.bound_report(config, schedule, term, params, vl.batches, 0, labels=vl.labels,
                            null_labels=[vl.null_labels(x) for x in vl.batches])
   assert report["conditioned_on"] == "each image's label"
