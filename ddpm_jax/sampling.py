@@ -6,7 +6,7 @@ and recorded frames. ``sample(plan, eps_fn, schedule, x_T, key)`` runs it; repor
 what ran are written from the same plan (``Plan.report``). ``generate.plan_for`` builds
 the plan of a config; ``make_plan`` builds one from plain arguments.
 
-Samplers: DDPM ancestral, DDIM and DPM-Solver++(2M). Every one takes
+Samplers: DDPM ancestral, DDIM, DPM-Solver++(2M) and UniPC-bh2 (order 2). Every one takes
 ``eps_fn(x_t, t) -> eps``: any function of the noisy batch and an int32 array ``t`` of
 shape (B,) with values in [0, T). The model (through ``generate.make_eps_fn``, with
 classifier-free guidance by ``guided_eps_fn``) and analytic denoisers in tests are both
@@ -37,8 +37,8 @@ from ddpm_jax.timesteps import spaced as timestep_sequence  # noqa: F401  (re-ex
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 AUTO_SPACING = "auto"  # uniform for DDPM/DDIM, logsnr for the multistep solvers
-SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
-MULTISTEP = ("dpm_solver++",)  # keep a history of model outputs: no RePaint resampling
+SAMPLERS = ("ddpm", "ddim", "dpm_solver++", "unipc")
+MULTISTEP = ("dpm_solver++", "unipc")  # keep a history of model outputs: no RePaint resampling
 ALIASES = {"dpm_solver_pp": "dpm_solver++"}  # names accepted for SAMPLERS (shell-friendly)
 VARIANCES = ("small", "large")
 
@@ -343,8 +343,84 @@ def _dpm_solver_pp(plan, eps_fn, schedule, key, known, mask):
   return body, lambda x_T: (x_T, jnp.zeros_like(x_T)), xs
 
 
+def _unipc(plan, eps_fn, schedule, key, known, mask):
+  """UniPC-bh2 of order 2 (Zhao et al. 2023), data prediction: the UniP-2 predictor with the
+  UniC corrector, as diffusers' ``UniPCMultistepScheduler(solver_order=2, solver_type="bh2",
+  predict_x0=True, lower_order_final=True)``.
+
+  With lambda = log(alpha / sigma), m_i the model's x0 at (the predictor's) x_i, step i from
+  s = t_i to t = t_{i+1}, h = lambda_t - lambda_s, B(h) = expm1(-h) (bh2):
+    predictor  x_{i+1} = (sigma_t / sigma_s) xc_i - alpha_t (expm1(-h) m_i + B(h) D_i / 2),
+               D_i = (m_{i-1} - m_i) / r_i,  r_i = (lambda_{i-1} - lambda_i) / h
+    (first order on the first and the last step, which is then x0 = m_{N-1}: DDIM's; with bh2
+    this predictor is DPM-Solver++(2M)), and before each step but the first the corrector
+    turns x_i into xc_i with the model output m_i that the step computes anyway, so UniPC
+    costs DPM-Solver++'s calls:
+      xc_i = (sigma_i / sigma_{i-1}) xc_{i-1} - alpha_i (expm1(-h') m_{i-1}
+             + B(h') (rho_0 D_{i-1} + rho_1 (m_i - m_{i-1}))),  h' = lambda_i - lambda_{i-1},
+    D_{i-1} = (m_{i-2} - m_{i-1}) / r',  r' = (lambda_{i-2} - lambda_{i-1}) / h', and
+    rho_1 = 1/2 (rho_0 = 0) after the first-order first step, else the solution of
+    [[1, 1], [r', 1]] rho = b, b_1 = g_1 / B(h'), b_2 = 2 (g_1 / (-h') - 1/2) / B(h'),
+    g_1 = expm1(-h') / (-h') - 1 (diffusers' ``multistep_uni_c_bh_update``).
+  Deterministic; known pixels (inpainting, no resampling) are re-noised after the predictor
+  and the same noise is put back after the corrector. Returns (body, init, xs).
+  """
+  ts = np.asarray(plan.timesteps, np.int32)
+  n = len(ts)
+  ts_prev = timesteps_lib.targets(ts)
+  ts_last = np.append(ts[0], ts[:-1]).astype(np.int32)  # t_{i-1} (t_0 on the first step)
+  ts_last2 = np.concatenate([ts[:2], ts[:-2]])[:n].astype(np.int32)  # t_{i-2} (from i = 2)
+  last = ts_prev < 0  # the final step, to the clean data (sigma = 0)
+  tp = np.maximum(ts_prev, 0)
+  idx = np.arange(n)
+  ac = schedule.alphas_cumprod
+  lam = lambda t: 0.5 * (jnp.log(ac[t]) - jnp.log1p(-ac[t]))  # noqa: E731
+  # the predictor, from t_i to t_{i+1}
+  alpha_prev = jnp.where(last, 1.0, jnp.sqrt(ac[tp]))
+  sigma_ratio = jnp.where(last, 0.0, jnp.sqrt((1 - ac[tp]) / (1 - ac[ts])))
+  h = jnp.where(last, 1.0, lam(tp) - lam(ts))
+  exp_m1 = jnp.where(last, -1.0, jnp.expm1(-h))  # exp(-inf) - 1 on the last step
+  r = jnp.where(idx > 0, lam(ts_last) - lam(ts), -h) / h
+  second_order = (idx > 0) & ~last
+  p_d = jnp.where(second_order, exp_m1 * 0.5 / r, 0.0)  # B(h) rho_p / r on (m_{i-1} - m_i)
+  # the corrector of x_i, from xc_{i-1} at t_{i-1} (none on the first step)
+  corrects = idx > 0
+  hc = jnp.where(corrects, lam(ts) - lam(ts_last), 1.0)
+  hh = -hc
+  phi1 = jnp.expm1(hh)
+  b_h = jnp.expm1(hh)  # bh2
+  b1 = (phi1 / hh - 1.0) / b_h
+  b2 = 2.0 * ((phi1 / hh - 1.0) / hh - 0.5) / b_h
+  rc = jnp.where(idx > 1, lam(ts_last2) - lam(ts_last), -hc) / hc
+  rho0 = jnp.where(idx > 1, (b1 - b2) / (1.0 - rc), 0.0)
+  rho1 = jnp.where(idx > 1, b1 - rho0, 0.5)
+  alpha_c = jnp.sqrt(ac[ts])
+  c_ratio = jnp.where(corrects, jnp.sqrt((1 - ac[ts]) / (1 - ac[ts_last])), 0.0)
+  c_m1 = jnp.where(corrects, alpha_c * (phi1 - b_h * (rho0 / rc + rho1)), 0.0)  # on m_{i-1}
+  c_m2 = jnp.where(corrects, alpha_c * b_h * rho0 / rc, 0.0)  # on m_{i-2}
+  c_m0 = jnp.where(corrects, alpha_c * b_h * rho1, 0.0)  # on m_i
+  keep_x = jnp.where(corrects, 0.0, 1.0)  # the first x is the input: nothing to correct
+
+  def body(carry, inp):
+    x, xc_last, m1, m2 = carry
+    t, t_last, t_prev, first, kx, cr, cm0, cm1, cm2, a_prev, s_ratio, em1, pd = inp
+    m0, _ = pred_x0_eps(eps_fn, schedule, x, t, plan.clip_x0)
+    xc = (kx * x + cr * xc_last - cm0 * m0 - cm1 * m1 - cm2 * m2).astype(x.dtype)
+    if known is not None:  # the corrected x keeps the known pixels x had
+      kept = _keep_known(schedule, xc, t, known, mask, jax.random.fold_in(key, t_last))
+      xc = jnp.where(first, xc, kept)
+    x_prev = (s_ratio * xc - a_prev * (em1 * m0 + pd * (m1 - m0))).astype(x.dtype)
+    if known is not None:
+      x_prev = _keep_known(schedule, x_prev, t_prev, known, mask, jax.random.fold_in(key, t))
+    return (x_prev, xc, m0, m1), (x_prev, m0)
+
+  xs = (jnp.asarray(ts), jnp.asarray(ts_last), jnp.asarray(ts_prev), jnp.asarray(idx == 0),
+        keep_x, c_ratio, c_m0, c_m1, c_m2, alpha_prev, sigma_ratio, exp_m1, p_d)
+  return body, lambda x_T: (x_T, x_T, jnp.zeros_like(x_T), jnp.zeros_like(x_T)), xs
+
+
 ONE_STEP = {"ddpm": _ddpm_step, "ddim": _ddim_step}
-MULTISTEP_SOLVERS = {"dpm_solver++": _dpm_solver_pp}
+MULTISTEP_SOLVERS = {"dpm_solver++": _dpm_solver_pp, "unipc": _unipc}
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "eps_fn"))
@@ -399,6 +475,13 @@ def dpm_solver_pp_sample(eps_fn: EpsFn, schedule, x_T, key=None, num_steps: int 
   """``sample`` with a DPM-Solver++(2M) plan (spacing "logsnr" by default)."""
   known, mask = plan_args.pop("known", None), plan_args.pop("mask", None)
   return sample("dpm_solver++", eps_fn, schedule, x_T, key, known=known, mask=mask,
+                num_steps=num_steps, **plan_args)
+
+
+def unipc_sample(eps_fn: EpsFn, schedule, x_T, key=None, num_steps: int = 10, **plan_args):
+  """``sample`` with a UniPC-bh2 plan (order 2; spacing "logsnr" by default)."""
+  known, mask = plan_args.pop("known", None), plan_args.pop("mask", None)
+  return sample("unipc", eps_fn, schedule, x_T, key, known=known, mask=mask,
                 num_steps=num_steps, **plan_args)
 
 
