@@ -54,7 +54,7 @@ def complete(config, num_devices: int = 1, training: bool = True):
   problem. Idempotent: ``complete(complete(c)) == complete(c)``. Public entry points call it
   once; code below them reads plain attributes."""
   out = with_defaults(config)
-  validate(out, num_devices, training=training)
+  _validate(out, num_devices, training)
   return out
 
 
@@ -89,7 +89,11 @@ def check_batch_size(value: int, num_devices: int, what: str) -> int:
 def validate(config, num_devices: int = 1, training: bool = True) -> None:
   """Raises ConfigError for the first problem found in ``config``; ``training=False`` (the
   generation and eval modes) skips what only training uses (its batch on these devices)."""
-  config = with_defaults(config)  # validated as complete() leaves it: every field there
+  _validate(with_defaults(config), num_devices, training)  # as complete() leaves it
+
+
+def _validate(config, num_devices: int, training: bool) -> None:
+  """``validate`` of a config that has every field."""
   d, m, s, o = config.data, config.model, config.sampling, config.optim
   levels = len(m.ch_mult)
   if levels < 1:

@@ -88,12 +88,14 @@ def checkpoint_steps(workdir: str, which) -> list[int | None]:
   which = str(which or "latest").strip()
   if which == "latest":
     return [None]
+  if which == "none":  # only the post-hoc EMA sweep
+    return []
   if which == "all":
     return have
   try:
     want = [int(s) for s in which.replace(" ", "").split(",") if s]
   except ValueError:
-    raise ConfigError(f"eval.checkpoints={which!r}: use latest, all or steps like "
+    raise ConfigError(f"eval.checkpoints={which!r}: use latest, all, none or steps like "
                       "1000,2000") from None
   missing = [s for s in want if s not in have]
   if missing:
@@ -445,7 +447,7 @@ def evaluate(config, workdir: str) -> list[dict]:
   workdir = fs.normalize(workdir)
   for s in ev.posthoc_ema_sigma_rels:
     posthoc_ema.check_sigma_rel(float(s), "eval.posthoc_ema_sigma_rels")
-  steps = checkpoint_steps(workdir, ev.checkpoints) if ev.checkpoints != "none" else []
+  steps = checkpoint_steps(workdir, ev.checkpoints)
   run = _Evaluator(config)
   writer = writers.MetricWriter(workdir, enabled=parallel.is_main(), name="eval")
   reports = []
