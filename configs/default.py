@@ -120,10 +120,10 @@ def get_config():
   training.label_dropout = 0.1
 
   config.sampling = sampling = ml_collections.ConfigDict()
-  sampling.sampler = "ddim"  # "ddpm", "ddim" or "dpm_solver++"
-  sampling.num_steps = 50  # network evaluations (ddim, dpm_solver++); ddpm uses all T
+  sampling.sampler = "ddim"  # "ddpm", "ddim", "dpm_solver++" or "unipc"
+  sampling.num_steps = 50  # network evaluations (ddim, dpm_solver++, unipc); ddpm uses all T
   sampling.eta = 0.0  # DDIM noise: 0 deterministic, 1 = DDPM's posterior variance
-  # Timestep spacing: auto (uniform for ddpm/ddim, logsnr for dpm_solver++), uniform,
+  # Timestep spacing: auto (uniform for ddpm/ddim, logsnr for dpm_solver++/unipc), uniform,
   # trailing, quadratic or logsnr.
   sampling.spacing = "auto"
   sampling.ddpm_variance = "small"  # DDPM: "small" (posterior) or "large" (beta_t)
@@ -163,6 +163,29 @@ def get_config():
   dist.round = 0
   dist.teacher_steps = 0  # the round's teacher steps; the student takes half
   dist.round_teacher = ""  # the workdir of the round's teacher
+
+  # --mode=consistency: easy consistency tuning (ECT, Geng et al. 2025) of a trained workdir
+  # into a model that samples in 1-2 network calls (ddpm_jax/consistency_tuning.py), in one
+  # run of training.num_train_steps with this config's training/optim/eval; the model, data and
+  # schedule are the teacher's. Defaults: ECT's CIFAR-10 settings (noise levels in EDM's sigma).
+  config.consistency = cons = ml_collections.ConfigDict()
+  # The workdir to tune (local or gs://). Set in a tuned run's saved config: what makes
+  # --mode=sample use the consistency sampler.
+  cons.teacher = config_dict.placeholder(str)
+  cons.p_mean = -1.1  # log sigma_t ~ N(p_mean, p_std^2) (ECT's p(t)), within the schedule's
+  cons.p_std = 2.0
+  # The gap schedule: r = t (1 - (1 + k sigmoid(-b t)) / q^(stage + 1)), stage = step //
+  # double_every_steps (0: num_train_steps // 8, ECT's 8 stages); the gap shrinks by q a stage.
+  cons.q = 2.0
+  cons.k = 8.0
+  cons.b = 1.0
+  cons.double_every_steps = 0
+  cons.c = 0.0  # pseudo-Huber constant: 0 = the L2 norm (ECT's CIFAR-10), > 0 iCT's metric
+  # Sampling a tuned workdir: network calls per sample (1, or k: multistep consistency
+  # sampling), and its k - 1 intermediate sigmas (decreasing; () = ECT's 0.821 at k = 2,
+  # else EDM's rho = 7 grid).
+  cons.num_steps = 1
+  cons.mid_sigmas = ()
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.checkpoints = "latest"  # which checkpoints --mode=eval reads: latest, all, "1000,2000", none

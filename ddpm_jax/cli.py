@@ -51,6 +51,11 @@ def _distill(config, workdir):
   return distill.distill(config, workdir, _overrides())  # the last student's workdir
 
 
+def _consistency(config, workdir):
+  from ddpm_jax import consistency_tuning
+  return consistency_tuning.tune(config, workdir, _overrides())  # the tuned workdir
+
+
 def _eval(config, workdir):
   from ddpm_jax import evaluate
   evaluate.evaluate(config, workdir)
@@ -111,6 +116,8 @@ MODES = {
                     "stop", _prepare, own_config=True),
     "distill": Mode("progressive distillation of distill.teacher into <workdir>/steps<N> "
                     "students", _distill, own_config=True),
+    "consistency": Mode("consistency tuning (ECT) of consistency.teacher into a 1-2 call "
+                        "model in the workdir", _consistency, own_config=True),
     "export": Mode("the workdir's model as a diffusers DDPMPipeline folder (--out; EMA unless "
                    "--config.sampling.use_ema=false)", _export, one_process=True),
     "posthoc_ema": Mode("the EMA of relative length --sigma_rel reconstructed from the run's "

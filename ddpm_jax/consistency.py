@@ -53,33 +53,24 @@ intermediate level tau_i: x = x0 + sqrt(tau_i^2 - sigma_min^2) z, x0 = f(x, tau_
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.scipy.special import ndtr, ndtri
 
-from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax import config_lib, diffusion, distill, fs, models, parallel, train
+from ddpm_jax import diffusion, models
 from ddpm_jax.errors import ConfigError
 
-# ECT's defaults (ct_train.py, run_ecm.sh: CIFAR-10), read as config.consistency.<name>;
-# the lead moves them to configs/default.py. double_every_steps 0: num_train_steps // 8
-# (ECT: --double 250 ticks of 100 iterations in 200k iterations, 8 stages).
-DEFAULTS = dict(teacher=None, p_mean=-1.1, p_std=2.0, q=2.0, k=8.0, b=1.0, c=0.0,
-                double_every_steps=0, num_steps=1, mid_sigmas=())
-OWN_SECTIONS = ("training", "optim", "eval", "consistency")
 TWO_STEP_SIGMA = 0.821  # ECT's --mid_t default (CIFAR-10, from iCT)
 
 
-def setting(config, name: str):
-  """config.consistency.<name>, or DEFAULTS' where the config has no such field."""
-  section = config.get("consistency") if hasattr(config, "get") else None
-  if section is not None and name in section:
-    return section[name]
-  return DEFAULTS[name]
+def is_tuned(config) -> bool:
+  """Whether ``config`` is a consistency-tuned run's (its ``consistency.teacher`` is set):
+  such a workdir samples with the consistency sampler."""
+  return bool(config.consistency.teacher)
 
 
 # ------------------------------------------------------------------ time: VP timestep <-> sigma
@@ -203,41 +194,9 @@ def ect_losses(net: Callable, lv: Levels, prediction_type: str, x0, noise, sigma
   return pseudo_huber(f_t - jax.lax.stop_gradient(f_r), c) * ect_weight(sigma_t, sigma_r_)
 
 
-def double_every(config) -> int:
-  """Steps per stage of the gap schedule (ECT's --double, in steps)."""
-  d = int(setting(config, "double_every_steps"))
-  return d if d > 0 else max(int(config.training.num_train_steps) // 8, 1)
-
-
 def stage_of(step, every: int):
+  """The gap schedule's stage at optimizer step ``step`` (ECT's ``update_schedule``)."""
   return step // every
-
-
-def consistency_objective(config, model, schedule: diffusion.Schedule, teacher_params=None,
-                          stage: int = 0) -> train.Objective:
-  """The train-step objective of ECT. ``loss(params, x0, labels, example_keys, dropout_key,
-  extra, step=None)``: the gap's stage is ``step // double_every(config)`` when the trainer
-  passes ``step`` (a traced int), else the fixed ``stage``. Example i draws sigma_t from
-  ``fold_in(key_i, 0)`` and its noise as every objective does (``train.example_noise``);
-  the reported timestep is sigma_t's nearest. ``init_params``: the teacher's."""
-  lv = levels(schedule)
-  prediction_type = config.model.prediction_type
-  p_mean, p_std = float(setting(config, "p_mean")), float(setting(config, "p_std"))
-  q, k, b, c = (float(setting(config, n)) for n in ("q", "k", "b", "c"))
-  every = double_every(config)
-
-  def loss(params, x0, labels, example_keys, dropout_key, extra, step=None):
-    del extra
-    a = stage if step is None else stage_of(step, every)
-    sig_t = jax.vmap(lambda key: sample_sigma(jax.random.fold_in(key, 0), lv, p_mean, p_std))(
-        example_keys)
-    sig_r = sigma_r(sig_t, a, lv.sigma_min, q, k, b)
-    noise = train.example_noise(example_keys, x0.shape[1:])
-    net = model_net(model, params, labels, train=True, dropout_key=dropout_key)
-    losses = ect_losses(net, lv, prediction_type, x0.astype(jnp.float32), noise, sig_t, sig_r, c)
-    return losses, int_timestep(lv, sig_t)
-
-  return train.Objective(loss, init_params=teacher_params)
 
 
 # ------------------------------------------------------------------ sampling
@@ -256,17 +215,19 @@ def default_mid_sigmas(lv: Levels, num_steps: int) -> tuple[float, ...]:
 
 
 def sample(net: Callable, lv: Levels, prediction_type: str, x_T, key, mid_sigmas=(),
-           clip: bool = False) -> jax.Array:
+           clip: bool = False, start_sigma=None) -> jax.Array:
   """Multistep consistency sampling (CM Algorithm 1) from VP noise ``x_T`` ~ N(0, I) at
   t = T-1: x0 = f(x_T / sqrt(ab_{T-1}), sigma_max); then for each tau in ``mid_sigmas``
   (decreasing) x = x0 + sqrt(tau^2 - sigma_min^2) z with fresh z from ``key``, x0 = f(x, tau)
   (a ``lax.scan``). 1 network call per level; deterministic given ``key``. ``clip``: each x0
-  clipped to [-1, 1]."""
+  clipped to [-1, 1]. ``start_sigma``: x_T is a VP point of that level instead (image to
+  image: an input noised to a timestep)."""
   B = x_T.shape[0]
+  start = lv.sigma_max if start_sigma is None else jnp.float32(start_sigma)
   maybe_clip = (lambda x: jnp.clip(x, -1.0, 1.0)) if clip else (lambda x: x)  # noqa: E731
   f = lambda x, s: maybe_clip(consistency_fn(  # noqa: E731
       net, lv, prediction_type, x, jnp.full((B,), s, jnp.float32)))
-  x0 = f(x_T.astype(jnp.float32) * jnp.sqrt(1.0 + lv.sigma_max**2), lv.sigma_max)
+  x0 = f(x_T.astype(jnp.float32) * jnp.sqrt(1.0 + start**2), start)
   taus = jnp.asarray(mid_sigmas, jnp.float32).reshape(-1)
   if taus.shape[0] == 0:
     return x0
@@ -280,85 +241,76 @@ def sample(net: Callable, lv: Levels, prediction_type: str, x_T, key, mid_sigmas
   return x0
 
 
-def sampler(config, model, schedule: diffusion.Schedule, num_steps: int | None = None):
-  """A jitted ``(params, x_T, key, labels) -> images`` of ``num_steps`` network calls
-  (default ``consistency.num_steps``; levels ``consistency.mid_sigmas`` if set)."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A consistency model's sampling run, as data (hashable), what ``generate.Sampler`` runs
+  for a tuned workdir in place of a ``sampling.Plan``; the fields generation and eval read
+  of one (sampler, num_steps, eta, guidance_scale, num_frames, distilled, report) mean the
+  same. ``sigmas``: the levels f is called at, decreasing: the start (sigma_max, or an
+  image-to-image input's level), then the re-noised mid levels. ``guidance_scale``: 1, the
+  labels as given (ECT has no guided target)."""
+  sigmas: tuple[float, ...]
+  timesteps: tuple[float, ...]  # the float timesteps the network is told, per level
+  clip_x0: bool = True
+  from_noise: bool = True  # False: x starts at sigmas[0] (image to image)
+  teacher: str = ""
+  sampler: str = "consistency"
+  guidance_scale: float = 1.0
+  eta: float = 0.0
+  num_frames: int = 0  # no denoising GIF: there is no trajectory to record
+  distilled: bool = False
+
+  @property
+  def num_steps(self) -> int:
+    """Network calls per sample."""
+    return len(self.sigmas)
+
+  def report(self) -> dict:
+    """What runs, for sampling.json and eval reports."""
+    return {"sampler": self.sampler, "num_steps": self.num_steps,
+            "network_calls": self.num_steps, "sigmas": [float(x) for x in self.sigmas],
+            "timesteps": [round(float(t), 4) for t in self.timesteps],
+            "clip_x0": bool(self.clip_x0), "from_noise": self.from_noise,
+            "teacher": self.teacher}
+
+
+def make_plan(config, schedule: diffusion.Schedule, num_steps: int | None = None,
+              t_start: int | None = None) -> Plan:
+  """The plan of ``consistency.num_steps`` calls (or ``num_steps``) at sigma_max and
+  ``consistency.mid_sigmas`` (default ``default_mid_sigmas``); ``t_start``: from an input at
+  that timestep, with the mid levels below its own."""
   lv = levels(schedule)
-  n = int(num_steps or setting(config, "num_steps"))
-  mids = tuple(setting(config, "mid_sigmas")) or default_mid_sigmas(lv, n)
+  cc = config.consistency
+  n = int(num_steps or cc.num_steps)
+  mids = tuple(float(x) for x in cc.mid_sigmas) or default_mid_sigmas(lv, n)
   if len(mids) != n - 1:
-    raise ConfigError(f"consistency.mid_sigmas={mids} has {len(mids)} levels; {n} steps take "
-                      f"{n - 1}")
-  clip, pt = bool(config.sampling.clip_x0), config.model.prediction_type
+    raise ConfigError(f"consistency.mid_sigmas={mids} has {len(mids)} levels; "
+                      f"consistency.num_steps={n} takes {n - 1}")
+  lo, hi = float(lv.sigma_min), float(lv.sigma_max)
+  if any(not lo < m < hi for m in mids) or any(a <= b for a, b in zip(mids, mids[1:])):
+    raise ConfigError(f"consistency.mid_sigmas={mids} must decrease within the schedule's "
+                      f"({lo:.4g}, {hi:.4g})")
+  start = hi if t_start is None else float(sigma_at(lv, t_start))
+  sigmas = (start,) + tuple(m for m in mids if m < start)
+  ts = tuple(float(t) for t in np.asarray(timestep_at(lv, jnp.asarray(sigmas))))
+  return Plan(sigmas, ts, clip_x0=bool(config.sampling.clip_x0), from_noise=t_start is None,
+              teacher=str(cc.teacher or ""))
+
+
+def run_plan(plan: Plan, model, schedule: diffusion.Schedule, prediction_type: str, params,
+             x_start, key, labels=None) -> jax.Array:
+  """Samples of ``plan`` (traceable: the body of ``generate.Sampler``'s and ``sampler``'s
+  functions); ``x_start``: VP noise, or the input at ``plan.sigmas[0]``."""
+  lv = levels(schedule)
+  return sample(model_net(model, params, labels), lv, prediction_type, x_start, key,
+                plan.sigmas[1:], plan.clip_x0, None if plan.from_noise else plan.sigmas[0])
+
+
+def sampler(config, model, schedule: diffusion.Schedule, num_steps: int | None = None):
+  """A jitted ``(params, x_T, key, labels) -> images`` of ``make_plan``'s calls (one device)."""
+  plan, pt = make_plan(config, schedule, num_steps), config.model.prediction_type
 
   @jax.jit
   def run(params, x_T, key, labels=None):
-    return sample(model_net(model, params, labels), lv, pt, x_T, key, mids, clip)
+    return run_plan(plan, model, schedule, pt, params, x_T, key, labels)
   return run
-
-
-# ------------------------------------------------------------------ the driver
-
-def tune_config(config, teacher_config, overrides: dict):
-  """The tuning run's config: the teacher's model, data, diffusion and sampling; training,
-  optim, eval and consistency from ``config``; then the command line's ``overrides``."""
-  c = config_lib.with_defaults(teacher_config)
-  for section in OWN_SECTIONS:
-    if section in config:
-      c[section] = config[section].copy_and_resolve_references()
-  config_lib.apply_overrides(c, overrides, skip_sections=OWN_SECTIONS)  # those are in config
-  return c
-
-
-def _latest_step(workdir: str) -> int:
-  if not fs.exists(ckpt_lib.checkpoint_dir(workdir)):
-    return 0
-  step = ckpt_lib.make_manager(workdir, read_only=True, async_save=False).latest_step()
-  return int(step or 0)
-
-
-def _trainer_passes_step() -> bool:
-  """Whether train.Objective can ask for the step (the hook asked of the lead)."""
-  return "uses_step" in train.Objective._fields
-
-
-def tune(config, workdir: str, overrides: dict | None = None) -> str | None:
-  """ECT of ``consistency.teacher`` into ``workdir``; returns it, or None when stopped (by a
-  signal: the same command resumes). The teacher is pinned in ``<workdir>/teacher.json`` as
-  a distillation round's is (``distill.pinned_teacher``). Until the trainer hands the step to
-  the objective, each stage of the gap schedule is its own ``train_and_evaluate`` call into
-  the same workdir, ending at the stage's last step (a constant learning rate, as ECT's)."""
-  workdir = fs.normalize(workdir)
-  teacher = setting(config, "teacher")
-  if not teacher:
-    raise ConfigError("set --config.consistency.teacher=WORKDIR: the trained run to tune")
-  teacher_dir = fs.normalize(teacher)
-  teacher_config = distill.saved_config(teacher_dir)
-  cfg = tune_config(config, teacher_config, overrides or {})
-  every, total = double_every(cfg), int(cfg.training.num_train_steps)
-  if every % int(cfg.training.steps_per_dispatch):
-    raise ConfigError(f"consistency.double_every_steps={every} must be a multiple of "
-                      f"training.steps_per_dispatch={cfg.training.steps_per_dispatch}")
-  staged = not _trainer_passes_step()
-  if staged and cfg.optim.lr_schedule != "constant":
-    raise ConfigError("consistency tuning runs with a constant learning rate (as ECT): set "
-                      "--config.optim.lr_schedule=constant")
-  teacher_params, teacher_step = distill.pinned_teacher(workdir, teacher_dir, teacher_dir,
-                                                        teacher_config)
-  if parallel.is_main():
-    logging.info("consistency tuning of %s (step %d) into %s", teacher_dir, teacher_step, workdir)
-  model = models.create_model(cfg)
-  schedule = diffusion.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
-  if not staged:
-    obj = consistency_objective(cfg, model, schedule, teacher_params)._replace(uses_step=True)
-    state = train.train_and_evaluate(cfg, workdir, obj)
-    return workdir if int(state.step) >= total else None
-  for stage in range(min(_latest_step(workdir), total - 1) // every, -(-total // every)):
-    end = min((stage + 1) * every, total)
-    cfg_stage = cfg.copy_and_resolve_references()
-    cfg_stage.training.num_train_steps = end
-    state = train.train_and_evaluate(
-        cfg_stage, workdir, consistency_objective(cfg, model, schedule, teacher_params, stage))
-    if int(state.step) < end:
-      return None
-  return workdir

@@ -15,8 +15,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from ddpm_jax import (
+  consistency,
   diffusion,
   images,
   models,
@@ -63,12 +65,15 @@ def snap_to_grid(config, num_timesteps: int, t: int) -> int:
 
 
 def plan_for(config, schedule, *, t_start: int | None = None, frames: bool = False,
-             inpaint: bool = False) -> sampling.Plan:
+             inpaint: bool = False):
   """The sampling plan of ``config``: the one place generation reads ``config.sampling``
   for how to sample. ``t_start``: image-to-image from that level, with the steps' density
   of a full run (``timesteps.steps_from``); ``frames``: record ``sampling.num_frames``;
   ``inpaint``: ``sampling.resample_steps`` RePaint jumps. A distilled student samples on
-  its own grid where the config asks for the sampler it was trained for."""
+  its own grid where the config asks for the sampler it was trained for. A consistency-tuned
+  workdir (``consistency.is_tuned``) gets a ``consistency.Plan`` instead (``consistency_plan``)."""
+  if consistency.is_tuned(config):
+    return consistency_plan(config, schedule, t_start=t_start, inpaint=inpaint)
   s, T = config.sampling, schedule.num_timesteps
   grid = student_timesteps(config, T, t_start)
   num_steps = s.num_steps if t_start is None else timesteps.steps_from(s.num_steps, t_start, T)
@@ -79,6 +84,22 @@ def plan_for(config, schedule, *, t_start: int | None = None, frames: bool = Fal
       variance=s.ddpm_variance, clip_x0=bool(s.clip_x0),
       guidance_scale=float(config.sampling.guidance_scale),
       resample_steps=resample, num_frames=int(s.num_frames) if frames else 0)
+
+
+def consistency_plan(config, schedule, *, t_start: int | None = None, inpaint: bool = False):
+  """A tuned workdir's plan: ``consistency.num_steps`` calls (1 by default), image to image
+  from ``t_start``; no denoising GIF (``num_frames`` 0: there is no trajectory), no
+  inpainting (a ConfigError: RePaint's resampling needs a diffusion model's steps). A
+  labelled model samples its labels as given: ECT trains no guided target."""
+  if inpaint:
+    raise ConfigError("--mode=inpaint needs a diffusion model's steps (RePaint): a consistency-"
+                      "tuned workdir cannot; inpaint with its teacher, "
+                      f"{config.consistency.teacher}")
+  if config.model.num_classes and float(config.sampling.guidance_scale) != 1.0 and \
+      parallel.is_main():
+    logging.info("a consistency model samples its labels unguided (guidance scale 1; the "
+                 "config has sampling.guidance_scale=%s)", config.sampling.guidance_scale)
+  return consistency.make_plan(config, schedule, t_start=t_start)
 
 
 class Sampler:
@@ -105,6 +126,9 @@ class Sampler:
 
     def sample_fn(params, x_T, key, labels, known, mask):
       key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS))
+      if plan.sampler == "consistency":  # known, mask: None (plan_for refused inpainting)
+        return consistency.run_plan(plan, model, schedule, config.model.prediction_type,
+                                    params, x_T, key, labels if model.num_classes else None)
       eps_fn = make_eps_fn(config, model, schedule, params, labels, plan.guidance_scale)
       return sampling.sample(plan, eps_fn, schedule, x_T, key, known=known, mask=mask)
 
@@ -183,7 +207,11 @@ class Sampler:
     return self._per_device(fn, params, as32(x_start), labels, as32(known), as32(mask))
 
   def invert(self, params, x0: np.ndarray, labels=None) -> np.ndarray:
-    """DDIM inversion of images in [-1, 1] to starting noise x_T."""
+    """DDIM inversion of images in [-1, 1] to starting noise x_T (a diffusion model's)."""
+    if self.plan.sampler == "consistency":
+      raise ConfigError("DDIM inversion (--mode=reconstruct, interpolate_images) needs a "
+                        "diffusion model's ODE: a consistency-tuned workdir has none; use its "
+                        f"teacher, {self.config.consistency.teacher}")
     return self._per_device(self._p_invert, params, np.asarray(x0, np.float32), labels)
 
   def grid(self, params, num: int = 16, seed: int = 0, labels=None) -> np.ndarray:

@@ -67,10 +67,14 @@ class Objective(NamedTuple):
   ``models.apply``), so a loss never depends on how the batch is split into devices or
   microbatches. ``extra``: arrays the loss reads besides the parameters (a
   distillation teacher's), put on every device once. ``init_params``: parameters to
-  start from instead of fresh ones (a student starts as its teacher)."""
+  start from instead of fresh ones (a student starts as its teacher). ``uses_step``: the
+  loss also takes ``step=``, the optimizer step being taken (a traced int32 scalar, from
+  ``state.step``: the same in every microbatch, its own in each step of a dispatch), for
+  objectives whose schedule moves with training (consistency tuning's gap)."""
   loss: Callable
   extra: Any = None
   init_params: Any = None
+  uses_step: bool = False
 
 
 def example_noise(example_keys, shape) -> jax.Array:
@@ -95,17 +99,19 @@ def denoising_objective(config, model, schedule: diffusion.Schedule) -> Objectiv
   return Objective(loss)
 
 
-def accumulated_grads(objective: Objective, params, examples, extra, k: int):
+def accumulated_grads(objective: Objective, params, examples, extra, k: int, step=None):
   """(mean loss, mean gradient, per-example losses, t) of ``examples`` = (x0, labels,
   example keys, dropout keys), computed over k equal microbatches in order, one after
   another, and averaged: the whole batch's values (up to float rounding) at the activation
   memory of one microbatch plus a gradient buffer. ``lax.scan`` (a loop XLA cannot run
   out of order, unlike an unrolled one, whose microbatch forwards could all be live at
   once) slices the microbatches and stacks their losses; ``fori_loop`` would need dynamic
-  slices by hand for the same loop."""
+  slices by hand for the same loop. ``step``: handed to an objective that ``uses_step``."""
+  at_step = {"step": jnp.asarray(step, jnp.int32)} if objective.uses_step else {}
+
   def loss_fn(p, mb):
     x0, labels, example_keys, dropout_keys = mb
-    losses, t = objective.loss(p, x0, labels, example_keys, dropout_keys, extra)
+    losses, t = objective.loss(p, x0, labels, example_keys, dropout_keys, extra, **at_step)
     return losses.mean(), (losses, t)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -160,7 +166,8 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
       labels = None
 
     loss, grads, losses, t = accumulated_grads(
-        objective, state.params, (x0, labels, example_keys, dropout_keys), extra, microbatches)
+        objective, state.params, (x0, labels, example_keys, dropout_keys), extra, microbatches,
+        **({"step": state.step} if objective.uses_step else {}))
     bucket_sum, bucket_count = validation.bucket_sums(losses, t, T)
     if axis_name is not None:
       grads, loss = jax.lax.pmean((grads, loss), axis_name)

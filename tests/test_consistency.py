@@ -201,3 +201,175 @@ def test_multistep_sampling_keeps_the_marginal_and_is_deterministic_given_the_ke
   a, b, c = (run[2](x_T, jax.random.key(k)) for k in (1, 1, 2))
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
+
+
+# ------------------------------------------------------------------ in the trainer
+
+# A U-Net smaller than the tiny config's, 4x4 images: a third of its compile time.
+SMALL = {"model.ch_mult": (1,), "model.attn_resolutions": (), "data.image_size": 4}
+
+
+def _random_params(model, size: int, seed: int = 0):
+  """Tiny U-Net parameters drawn in numpy (nothing to compile), every leaf nonzero (the
+  output layer starts at zero, which would make every level's f alike)."""
+  from ddpm_jax import models
+  shapes = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), size, 3))
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: (float("scale" in jax.tree_util.keystr(path))
+                       + 0.2 * rng.standard_normal(x.shape)).astype(np.float32), shapes)
+
+
+def test_each_step_of_a_dispatch_trains_at_its_own_stage_of_the_gap_schedule():
+  """Two steps in one dispatch (``steps_per_dispatch`` 2, 2 microbatches), at steps 3 and 4
+  of a schedule that halves the gap every 2 steps: each step's loss is ECT's at its own
+  stage (1, then 2), written from the pieces (lognormal sigma_t, r at stage step // 2, one
+  noise draw) with the keys the step draws; the trainer hands the objective its step (a
+  stage stuck at 0, or the dispatch's first step for both, gives other losses). The
+  learning rate is 0 at the first update (warm-up), so both steps see the same weights."""
+  from ddpm_jax import consistency_tuning, models, train
+  from ddpm_jax import state as state_lib
+  from tests.conftest import tiny_config
+  cfg = tiny_config(**SMALL, **{"consistency.teacher": "t",
+                                "consistency.double_every_steps": 2,
+                                "training.microbatches": 2, "optim.warmup_steps": 4})
+  schedule = diffusion.make_schedule("linear", 100)
+  model, lv = models.create_model(cfg), cm.levels(schedule)
+  params = _random_params(model, 4)
+  tx = state_lib.make_optimizer(cfg)
+  st = state_lib.TrainState(step=jnp.int32(3), params=params, ema_params=params,
+                            opt_state=tx.init(params))
+  obj = consistency_tuning.consistency_objective(cfg, model, schedule, params)
+  steps = jax.jit(train.make_multi_step(
+      train.make_train_step(cfg, model, schedule, tx, axis_name=None, objective=obj), 2))
+  x0 = jax.random.uniform(jax.random.key(1), (2, 8, 4, 4, 3), minval=-1, maxval=1)
+  key = jax.random.key(2)
+  _, metrics = steps(st, x0, key)
+
+  @jax.jit
+  def ect_loss(x0, example_keys, stage):
+    sig_t = jax.vmap(lambda k: cm.sample_sigma(jax.random.fold_in(k, 0), lv, -1.1, 2.0))(
+        example_keys)
+    sig_r = cm.sigma_r(sig_t, stage, lv.sigma_min, 2.0, 8.0, 1.0)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:]))(
+        example_keys)
+    net = cm.model_net(model, params, None)
+    return cm.ect_losses(net, lv, "epsilon", x0, noise, sig_t, sig_r, 0.0).mean()
+
+  for i, step in enumerate((3, 4)):
+    example_key, _ = train.step_keys(key, step, 0)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(example_key, jnp.arange(8))
+    want = [float(ect_loss(x0[i], keys, a)) for a in (0, 1, 2)]
+    got, other = float(metrics["loss"][i]), [w for a, w in enumerate(want) if a != step // 2]
+    assert abs(got - want[step // 2]) < 0.05 * min(abs(got - w) for w in other), (step, got, want)
+
+
+# ------------------------------------------------------------------ the command, tiny
+
+def _teacher(workdir, data_dir):
+  """A teacher workdir with one checkpoint (step 0) of random weights, written in-process:
+  nothing to train (the tuning's mechanics do not need a good teacher). Its model is
+  ``SMALL`` (the tuning's too: it is the teacher's)."""
+  from ddpm_jax import checkpoint as ckpt_lib
+  from ddpm_jax import models
+  from ddpm_jax import state as state_lib
+  from tests.conftest import tiny_config
+  config = tiny_config(**SMALL, **{"data.data_dir": data_dir})
+  params = _random_params(models.create_model(config), 4)
+  tx = state_lib.make_optimizer(config)
+  st = state_lib.TrainState(step=np.int32(0), params=params, ema_params=params,
+                            opt_state=jax.device_get(tx.init(params)))
+  mngr = ckpt_lib.make_manager(str(workdir), async_save=False)
+  ckpt_lib.save(mngr, 0, st, config, force=True)
+  mngr.wait_until_finished()
+  return config
+
+
+def test_tuning_resumes_bitwise_after_kill_9_and_samples_in_one_call(tmp_path, data_dir):
+  """--mode=consistency on the tiny config, 6 steps whose gap halves every 2: killed with
+  SIGKILL after its first checkpoint and rerun, the final state equals an uninterrupted
+  run's bit for bit (the resumed steps are at their own stages). --mode=sample on the tuned
+  workdir runs the consistency sampler: 1 network call, at sigma_max, the samples those of
+  f(x_T, sigma_max) with the EMA weights; sampling.json says so; with
+  consistency.num_steps=2 the second call is at ECT's 0.821."""
+  import json
+  import os
+  import time
+
+  from ddpm_jax import checkpoint as ckpt_lib
+  from ddpm_jax import consistency, distill, models, modes
+  from tests import cli
+  from tests.test_main import run_main
+  teacher = tmp_path / "teacher"
+  _teacher(teacher, data_dir)
+  flags = ["--mode=consistency", *cli.tiny_flags(data_dir),
+           f"--config.consistency.teacher={teacher}", "--config.training.num_train_steps=6",
+           "--config.consistency.double_every_steps=2",
+           "--config.training.checkpoint_every_steps=2"]
+  straight = run_main(*flags, "--workdir", str(tmp_path / "straight"), cwd=tmp_path)
+  assert straight.stdout.strip().splitlines()[-1] == str(tmp_path / "straight")
+  killed = tmp_path / "killed"
+  job = cli.main_py(*flags, "--workdir", str(killed), cwd=tmp_path)
+  ckpts = killed / "checkpoints"
+  while job.proc.poll() is None and not (ckpts.is_dir() and any(
+      n.isdigit() for n in os.listdir(ckpts))):
+    time.sleep(0.05)
+  job.proc.kill()
+  job.finish()
+  done = sorted(int(n) for n in os.listdir(ckpts) if n.isdigit())
+  assert done and done[-1] < 6, done
+  rerun = run_main(*flags, "--workdir", str(killed), cwd=tmp_path)
+  assert "resumed from step" in rerun.stderr, rerun.stderr[-3000:]
+  config = distill.saved_config(str(killed))
+  assert config.consistency.teacher == str(teacher) and consistency.is_tuned(config)
+  step_a, a = cli.final_state(tmp_path / "straight", config)
+  step_b, b = cli.final_state(killed, config)
+  assert step_a == step_b == 6
+  cli.assert_same_state(a, b)
+
+  out = run_main("--mode=sample", "--workdir", str(killed), cwd=tmp_path).stdout
+  folder = out.strip().splitlines()[-1]
+  assert os.path.basename(folder) == "step6_consistency1_seed0"
+  record = json.load(open(os.path.join(folder, "sampling.json")))
+  schedule = diffusion.make_schedule("linear", 100)
+  lv = cm.levels(schedule)
+  assert (record["sampler"], record["num_steps"], record["network_calls"]) == (
+      "consistency", 1, 1)
+  np.testing.assert_allclose(record["sigmas"], [float(lv.sigma_max)], rtol=1e-6)
+  model = models.create_model(config)
+  params, _ = ckpt_lib.load_params(config, str(killed))
+  x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(0), i),
+                                             (4, 4, 3)))(jnp.arange(8))
+  want = consistency.sampler(config, model, schedule)(params, x_T, jax.random.key(1))
+  np.testing.assert_allclose(np.load(os.path.join(folder, "samples.npz"))["samples"], want,
+                             atol=1e-3)  # f(x_T) cancels x_T (|x_T| ~ sigma_max = 221)
+  config.consistency.num_steps = 2
+  two = modes.sample_and_save(config, str(killed))
+  record = json.load(open(os.path.join(two, "sampling.json")))
+  assert (record["sampler"], record["network_calls"]) == ("consistency", 2)
+  np.testing.assert_allclose(record["sigmas"], [float(lv.sigma_max), 0.821], rtol=1e-6)
+
+
+def test_a_tuned_workdirs_plan_refuses_what_needs_a_diffusion_models_steps():
+  """plan_for on a tuned config: a consistency plan (1 call at sigma_max; image to image
+  from the input's own level, with only the mid levels below it); inpainting and DDIM
+  inversion are one ConfigError each that names the teacher; an untuned config keeps its
+  diffusion plan."""
+  from ddpm_jax import generate, models
+  from ddpm_jax.errors import ConfigError
+  from tests.conftest import tiny_config
+  cfg = tiny_config(**SMALL, **{"consistency.teacher": "runs/the_teacher",
+                                "consistency.num_steps": 2})
+  schedule = diffusion.make_schedule("linear", 100)
+  lv = cm.levels(schedule)
+  plan = generate.plan_for(cfg, schedule)
+  assert plan.sampler == "consistency" and plan.num_steps == 2
+  np.testing.assert_allclose(plan.sigmas, [float(lv.sigma_max), 0.821], rtol=1e-6)
+  low = generate.plan_for(cfg, schedule, t_start=5)  # sigma(5) < 0.821: no mid level left
+  assert low.sigmas == (pytest.approx(float(cm.sigma_at(lv, 5))),) and not low.from_noise
+  with pytest.raises(ConfigError, match="runs/the_teacher"):
+    generate.plan_for(cfg, schedule, inpaint=True)
+  sampler = generate.Sampler(cfg, models.create_model(cfg), schedule)
+  with pytest.raises(ConfigError, match="runs/the_teacher"):
+    sampler.invert(None, np.zeros((1, 4, 4, 3), np.float32))
+  assert generate.plan_for(tiny_config(**SMALL), schedule).sampler == "ddim"
