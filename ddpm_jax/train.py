@@ -48,15 +48,11 @@ def _global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def step_keys(key, step, device):
-  """(key of the step's examples, this device's dropout key).
-
-  Examples then fold in their global index, so the same global batch draws the same t and
-  noise on 1 device or many; dropout masks differ per device (a device's activations are
-  its own examples').
-  """
-  example_key, dropout_key = jax.random.split(jax.random.fold_in(key, step))
-  return example_key, jax.random.fold_in(dropout_key, device)
+def step_key(key, step):
+  """The key of step ``step``'s examples. Example i of the global batch folds in i, and its
+  dropout key is ``fold_in(its key, 3)``, so the same global batch draws the same t, noise
+  and dropout masks on 1 device or many, in one batch or in microbatches."""
+  return jax.random.split(jax.random.fold_in(key, step))[0]
 
 
 class Objective(NamedTuple):
@@ -154,7 +150,7 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
                   else (batch, None))
     B = x0.shape[0]
     device = jax.lax.axis_index(axis_name) if axis_name is not None else 0
-    key, _ = step_keys(key, state.step, device)  # dropout: per example, below
+    key = step_key(key, state.step)
     example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(device * B + jnp.arange(B))
     dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(example_keys)
     if model.num_classes:  # classifier-free guidance: some labels become the null label

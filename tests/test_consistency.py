@@ -257,7 +257,7 @@ def test_each_step_of_a_dispatch_trains_at_its_own_stage_of_the_gap_schedule():
     return cm.ect_losses(net, lv, "epsilon", x0, noise, sig_t, sig_r, 0.0).mean()
 
   for i, step in enumerate((3, 4)):
-    example_key, _ = train.step_keys(key, step, 0)
+    example_key = train.step_key(key, step)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(example_key, jnp.arange(8))
     want = [float(ect_loss(x0[i], keys, a)) for a in (0, 1, 2)]
     got, other = float(metrics["loss"][i]), [w for a, w in enumerate(want) if a != step // 2]

@@ -225,7 +225,7 @@ def test_a_train_step_leaves_the_teacher_as_it_was_and_trains_against_it(round_c
     np.testing.assert_array_equal(a, b)
   moved = np.linalg.norm(_flat(st1.params) - _flat(before)) / np.linalg.norm(_flat(before))
   assert moved > 1e-4
-  example_key, _ = train.step_keys(key, 1, 0)  # step 2's examples, as the step draws them
+  example_key = train.step_key(key, 1)  # step 2's examples, as the step draws them
   keys = jax.vmap(lambda i: jax.random.fold_in(example_key, i))(jnp.arange(len(x0)))
   (_, (_, t)), _ = c["loss"](st1.params, before, keys)  # their levels
   want = _algorithm_2(c, st1.params, np.asarray(t), keys).mean()

@@ -173,7 +173,7 @@ def test_label_dropout_replaces_the_documented_share_with_the_null_label(conditi
   step = jax.jit(train.make_train_step(config, model, schedule, tx, axis_name=None))
   _, metrics = step(st, {"image": x0, "label": labels}, key)
 
-  example_key, _ = train.step_keys(key, st.step, 0)
+  example_key = train.step_key(key, st.step)
   keys = jax.vmap(lambda i: jax.random.fold_in(example_key, i))(jnp.arange(B))
   t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, 100,
                                             dtype=jnp.int32))(keys)

@@ -118,17 +118,6 @@ def test_gradients_are_clipped_to_the_global_norm():
     np.testing.assert_allclose(norm, clip or raw, rtol=1e-4)
 
 
-def test_dropout_keys_differ_per_device_and_example_keys_do_not():
-  key = jax.random.key(5)
-  per_device = jax.pmap(lambda _: train.step_keys(key, 3, jax.lax.axis_index("d")),
-                        axis_name="d")(np.zeros(4))
-  ex, drop = (jax.random.key_data(k) for k in per_device)
-  assert all(np.array_equal(ex[0], e) for e in ex)  # t and noise: the same on every device
-  assert len({bytes(np.asarray(d)) for d in drop}) == 4  # dropout: one mask stream per device
-  other_step = jax.random.key_data(train.step_keys(key, 4, 0)[1])
-  assert not np.array_equal(other_step, drop[0])
-
-
 def test_saves_asked_for_by_the_clock_are_agreed_and_not_repeated(tmp_path, data_dir):
   """checkpoint_every_minutes ~ 0: every dispatch asks for a save. The request rides with the
   step and is acted on one dispatch later; one made before a save is answered by it, so
