@@ -1,4 +1,5 @@
-"""Errors a user can fix: ``main.py`` turns every ``UserError`` into one line, no traceback."""
+"""Errors a user can fix: the CLI (``ddpm_jax/cli.py``) turns every ``UserError`` into one
+line, no traceback."""
 
 
 class UserError(Exception):
@@ -38,6 +39,6 @@ class StoreUnavailable(UserError, OSError):
 
 
 class StoppedEarly(BaseException):
-  """A stop signal during start-up: nothing new to save; ``main.py`` exits 0 with its message.
+  """A stop signal during start-up: nothing new to save; the CLI exits 0 with its message.
 
   A BaseException so that no ``except Exception`` on the way swallows it."""

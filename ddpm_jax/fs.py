@@ -1,9 +1,9 @@
 """The one filesystem layer: every path a run reads or writes goes through here.
 
 Paths are local paths or URLs (``gs://bucket/run``), handled by ``etils.epath``,
-the layer orbax and TFDS use too. ``main.py`` sets ``EPATH_USE_TF=false`` unless the
-user set it, so ``gs://`` goes through gcsfs (which honours ``STORAGE_EMULATOR_HOST``)
-rather than TensorFlow's own GCS client.
+the layer orbax and TFDS use too. The CLI (``run_utils.set_process_defaults``) sets
+``EPATH_USE_TF=false`` unless the user set it, so ``gs://`` goes through gcsfs (which
+honours ``STORAGE_EMULATOR_HOST``) rather than TensorFlow's own GCS client.
 
 Object stores have no append and no atomic rename of folders; the helpers here
 write whole objects. Local writes go to a temporary file renamed into place, so a
