@@ -182,7 +182,7 @@ def main(argv):
   import jax
 
   from ddpm_jax import config_lib
-  from ddpm_jax.errors import StoppedEarly, UserError
+  from ddpm_jax.errors import LOCKED_EXIT_STATUS, StoppedEarly, UserError, WorkdirLocked
   logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
   multi = jax.process_count() > 1
@@ -193,6 +193,8 @@ def main(argv):
     if config_lib.setting(config, "training.compilation_cache"):
       run_utils.enable_compilation_cache()  # sampling modes reuse compiled samplers too
     _run(FLAGS.mode, config, FLAGS.workdir)
+  except WorkdirLocked as e:  # "try again later": the pod runner waits for a stale lock
+    _exit(f"error: {e}", multi=multi, status=LOCKED_EXIT_STATUS, together=True)
   except UserError as e:
     _exit(f"error: {e}", multi=multi, together=True)
   except StoppedEarly as e:

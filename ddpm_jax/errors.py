@@ -18,8 +18,14 @@ class NoCheckpointError(UserError, FileNotFoundError):
   """The workdir has no (usable) checkpoint."""
 
 
+# The exit status of a trainer refused by a held workdir lock (sysexits' EX_TEMPFAIL: "try
+# again later"): a lost VM's lock goes stale after 5 minutes, so the pod runner waits and
+# reruns rather than counting it as a failed run (``ddpm_jax/pod.py``, same value).
+LOCKED_EXIT_STATUS = 75
+
+
 class WorkdirLocked(UserError, RuntimeError):
-  """Another trainer holds the workdir."""
+  """Another trainer holds the workdir (exit status ``LOCKED_EXIT_STATUS``)."""
 
 
 class WeightsError(UserError, ValueError):

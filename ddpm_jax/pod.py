@@ -38,6 +38,11 @@ What ``watch`` takes for what (the rules, because each wrong guess costs money o
   workers answer and others do not is a lost host: the slice is recreated. The same number in
   which no worker answers is taken for a problem on this side (ssh keys, network): ``watch``
   stops with a line and leaves the slice as it is.
+* A held workdir lock: trainers that exit with status 75 (``LOCKED_EXIT_STATUS``: refused
+  because the workdir lock is held, as after a lost VM whose trainer's lock on the bucket
+  goes stale 5 minutes after its last refresh) are rerun every ``--poll-seconds`` without
+  counting against ``--max-restarts``, for at most ``--max-lock-wait-minutes`` (default 15);
+  then ``watch`` gives up with a line (another trainer really holds the workdir).
 * Leaving: every exit of up/train/watch/run/stop (errors, Ctrl-C included) that leaves the
   queued resource or its node behind prints one line saying it bills and the command that
   deletes it. With ``--delete-when-done``, an exit for any reason (an exception, Ctrl-C) looks
@@ -67,6 +72,7 @@ import time
 POD_DIR = "$HOME/ddpm_pod"  # on each worker: run.sh, pid, rc, signalled, stop_requested, log
 REPO_DIR = "$HOME/ddpm_jax"
 STATUS_TAG = "DDPM_POD_WORKER"
+LOCKED_EXIT_STATUS = 75  # a trainer refused by a held workdir lock (ddpm_jax.errors, same value)
 QR_WAITING = {"CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING"}
 QR_PREEMPTED = {"SUSPENDING", "SUSPENDED", "FAILED"}  # a preemption, or a failed provisioning
 NODE_PREEMPTED = {"PREEMPTED", "TERMINATED", "STOPPED", "STOPPING", "HIDDEN", "HIDING"}
@@ -378,6 +384,7 @@ echo "$rc" > "$D/rc"
   def watch(self) -> int:
     """Until training finished (0), was stopped (0), or a give-up (1); see the module's rules."""
     restarts, unknown, attempts, last, lost_host = 0, 0, 0, None, False
+    locked_since = None
     while True:
       try:
         qr_state, node_state = self.states()
@@ -445,6 +452,25 @@ echo "$rc" > "$D/rc"
         if self.a.delete_when_done:
           self.delete()
         return 0
+      locked = any(w["state"] == "exited" and w["rc"] == LOCKED_EXIT_STATUS for w in workers)
+      if locked:
+        locked_since = time.time() if locked_since is None else locked_since
+        if time.time() - locked_since > 60 * self.a.max_lock_wait_minutes:
+          log(f"the workdir lock stayed held for {self.a.max_lock_wait_minutes:g} minutes "
+              "(another trainer holds it?); giving up. Worker 0's log: `python -m "
+              f"ddpm_jax.pod status --name {self.a.name} --zone {self.a.zone}`")
+          return 1
+        log("the trainers were refused: the workdir lock is held (a lost VM's trainer's lock "
+            "goes stale 5 minutes after its last refresh); rerunning the training command "
+            "after a poll (not counted as a restart)")
+        time.sleep(self.a.poll_seconds)
+        try:
+          self.start_training()
+        except PodError as e:
+          log(f"{e}; polling again")
+        last = None
+        continue
+      locked_since = None
       # Not running, not finished: a crash, a lost host, or an outside SIGTERM (maybe a
       # preemption whose state is not visible yet): look at the slice once more, then rerun.
       time.sleep(self.a.poll_seconds)
@@ -542,6 +568,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--poll-seconds", type=float, default=60.0, help="between state polls")
   p.add_argument("--max-restarts", type=int, default=3,
                  help="reruns on one slice after the trainers end without finishing")
+  p.add_argument("--max-lock-wait-minutes", type=float, default=15.0,
+                 help="watch: how long trainers refused by a held workdir lock are rerun")
   p.add_argument("--max-recreations", type=int, default=10,
                  help="watch: slice recreations (failed ones too) before giving up")
   p.add_argument("--backoff-seconds", type=float, default=60.0,

@@ -67,7 +67,8 @@ def test_a_lock_file_put_back_by_hand_is_not_a_lost_lock(tmp_path):
 def test_the_cli_trainer_stops_without_writing_when_its_deleted_lock_was_taken(tmp_path,
                                                                                 data_dir):
   """The fault review's case end to end: the lock of a running trainer is deleted and another
-  process takes it; the trainer ends with one line and exit 1 and writes nothing more: no
+  process takes it; the trainer ends with one line and exit 75 (``LOCKED_EXIT_STATUS``: the
+  pod runner's "try again later") and writes nothing more: no
   checkpoint (none was due; a trainer that stops saves one, unless it lost its lock), and
   the other's lock file is still there."""
   from tests import cli
@@ -88,7 +89,8 @@ def test_the_cli_trainer_stops_without_writing_when_its_deleted_lock_was_taken(t
       stdout=subprocess.PIPE, text=True, env=cli.env())
   try:
     assert other.stdout.readline().strip() == "held"
-    assert job.finish(timeout=120) == 1, job.output[-3000:]
+    from ddpm_jax.errors import LOCKED_EXIT_STATUS
+    assert job.finish(timeout=120) == LOCKED_EXIT_STATUS == 75, job.output[-3000:]
     errors = [x for x in job.lines if x.startswith("error:")]
     assert len(errors) == 1 and "another trainer took over the workdir" in errors[0], (
         job.output[-3000:])

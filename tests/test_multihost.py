@@ -153,7 +153,7 @@ def test_failures_of_several_processes_end_every_process_with_one_line(tmp_path,
   finally:
     held.release()
   assert time.time() - start < 60, job.output[-3000:]
-  assert cli.statuses(job) == {0: "status 1", 1: "status 1"}, job.output[-3000:]
+  assert cli.statuses(job) == {0: "status 75", 1: "status 75"}, job.output[-3000:]
   errors = re.findall(r"\[p(\d)\] (error: .*)", job.output)
   assert sorted(p for p, _ in errors) == ["0", "1"], job.output[-3000:]
   assert errors[0][1] == errors[1][1] and "in use by a running trainer" in errors[0][1]
