@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ddpm_jax import diffusion, models, train  # noqa: E402
+from ddpm_jax import diffusion, models, objectives, train  # noqa: E402
 from ddpm_jax import state as state_lib  # noqa: E402
 
 CONFIGS = {64: "anime", 128: "anime128", 256: "anime256"}
@@ -119,7 +119,7 @@ def _per_example_vs_one_dropout_key(size, batch) -> float:
 
   def one_key(objective, params, examples, extra, k):  # the batch's first key for all
     x0, labels, ek, dk = examples
-    shared = train.Objective(lambda p, x, y, e, d, ex: objective.loss(p, x, y, e, d[0], ex))
+    shared = objectives.Objective(lambda p, x, y, e, d, ex: objective.loss(p, x, y, e, d[0], ex))
     return orig(shared, params, (x0, labels, ek, dk), extra, k)
   train.accumulated_grads = one_key
   try:

@@ -48,7 +48,6 @@ import hashlib
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -57,84 +56,17 @@ from ddpm_jax import (
   config_lib,
   diffusion,
   fs,
-  generate,
   models,
+  objectives,
   parallel,
-  sampling,
   timesteps,
   train,
 )
 from ddpm_jax.errors import ConfigError
 
-WEIGHTINGS = ("truncated_snr", "snr_plus_one")
 # Sections a round takes from the distillation config; the rest (model, data, diffusion,
 # sampling) come from the teacher's saved config.
 OWN_SECTIONS = ("training", "optim", "eval", "distill")
-
-
-# ------------------------------------------------------------------ the math (no network)
-
-def _alpha_sigma(schedule, t, shape):
-  """(alpha_t, sigma_t) per example, shaped to broadcast against ``shape``; t = -1: (1, 0)."""
-  ab = diffusion.alpha_bar_at(schedule, t).reshape(t.shape + (1,) * (len(shape) - t.ndim))
-  return jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-
-
-def two_step_target(schedule: diffusion.Schedule, z_t, t, t_end, z_end):
-  """x~: the x0 with which one deterministic DDIM step from (z_t, t) lands exactly on z_end
-  at ``t_end`` < t (per example). At t_end = -1 it is z_end itself."""
-  (a, s), (a2, s2) = _alpha_sigma(schedule, t, z_t.shape), _alpha_sigma(schedule, t_end, z_t.shape)
-  ratio = s2 / s
-  return (z_end - ratio * z_t) / (a2 - ratio * a)
-
-
-def loss_weight(schedule: diffusion.Schedule, t, weighting: str):
-  """w_t of the x-space loss: max(SNR_t, 1) ("truncated_snr") or SNR_t + 1 ("snr_plus_one")."""
-  ab = schedule.alphas_cumprod[t]
-  snr = ab / (1.0 - ab)
-  if weighting == "truncated_snr":
-    return jnp.maximum(snr, 1.0)
-  if weighting == "snr_plus_one":
-    return snr + 1.0
-  raise ConfigError(f"distill.weighting={weighting!r}: use one of {WEIGHTINGS}")
-
-
-def teacher_two_steps(schedule, eps_fn, z, grid, j, clip_x0: bool):
-  """The teacher's two deterministic DDIM steps (``sampling.ddim_step``, the sampler's own
-  update) from level 2j of ``grid`` to 2j+2: (t, t_end, z_end)."""
-  t, t_mid, t_end = grid[2 * j], grid[2 * j + 1], grid[2 * j + 2]
-  x0, eps = sampling.pred_x0_eps(eps_fn, schedule, z, t, clip_x0)
-  z_mid = sampling.ddim_step(schedule, x0, eps, t_mid)
-  x0, eps = sampling.pred_x0_eps(eps_fn, schedule, z_mid, t_mid, clip_x0)
-  return t, t_end, sampling.ddim_step(schedule, x0, eps, t_end)
-
-
-# ------------------------------------------------------------------ one round's objective
-
-def objective(config, model, schedule, teacher_config, teacher_params) -> train.Objective:
-  """The train-step objective of a round (``config.distill.teacher_steps`` -> half)."""
-  n_teacher = int(config.distill.teacher_steps)
-  grid = jnp.asarray(timesteps.distilled_grid(schedule.num_timesteps, n_teacher))
-  clip_x0, weighting = bool(config.sampling.clip_x0), config.distill.weighting
-  prediction_type = config.model.prediction_type
-  teacher_model = models.create_model(teacher_config)
-
-  def loss(params, x0, labels, example_keys, dropout_key, teacher):
-    j = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, n_teacher // 2,
-                                              dtype=jnp.int32))(example_keys)
-    noise = train.example_noise(example_keys, x0.shape[1:])
-    t = grid[2 * j]
-    z = diffusion.q_sample(schedule, x0, t, noise)
-    eps_fn = generate.make_eps_fn(teacher_config, teacher_model, schedule, teacher, labels)
-    _, t_end, z_end = teacher_two_steps(schedule, eps_fn, z, grid, j, clip_x0)
-    target = jax.lax.stop_gradient(two_step_target(schedule, z, t, t_end, z_end))
-    pred = models.apply(model, params, z, t, labels, train=True,
-                        dropout_key=dropout_key).astype(jnp.float32)
-    x0_pred = diffusion.prediction_to_x0(schedule, z, t, pred, prediction_type)
-    mse = jnp.mean(jnp.square(x0_pred - target), axis=tuple(range(1, x0.ndim)))
-    return loss_weight(schedule, t, weighting) * mse, t
-
-  return train.Objective(loss, extra=teacher_params, init_params=teacher_params)
 
 
 # ------------------------------------------------------------------ rounds
@@ -160,8 +92,8 @@ def check(config, num_timesteps: int) -> None:
   if d.prediction_type not in diffusion.PREDICTION_TYPES:
     raise ConfigError(f"distill.prediction_type={d.prediction_type!r}: use one of "
                       f"{diffusion.PREDICTION_TYPES}")
-  if d.weighting not in WEIGHTINGS:
-    raise ConfigError(f"distill.weighting={d.weighting!r}: use one of {WEIGHTINGS}")
+  if d.weighting not in objectives.WEIGHTINGS:
+    raise ConfigError(f"distill.weighting={d.weighting!r}: use one of {objectives.WEIGHTINGS}")
   for n in round_steps(config):
     if n > num_timesteps:
       raise ConfigError(f"distill.start_steps={n} exceeds diffusion.num_timesteps="
@@ -315,7 +247,7 @@ def distill(config, workdir: str, overrides: dict | None = None) -> str | None:
     model = models.create_model(cfg)
     schedule = diffusion.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
     state = train.train_and_evaluate(
-        cfg, out, objective(cfg, model, schedule, teacher_config, teacher_params))
+        cfg, out, objectives.distillation(cfg, model, schedule, teacher_config, teacher_params))
     if int(state.step) < cfg.training.num_train_steps:
       return None  # stopped: the trainer said so; rerunning resumes this round
     teacher_dir, teacher_config = out, cfg

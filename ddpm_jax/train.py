@@ -28,6 +28,7 @@ from ddpm_jax import (
   images,
   input_pipeline,
   models,
+  objectives,
   parallel,
   posthoc_ema,
   progress,
@@ -55,47 +56,7 @@ def step_key(key, step):
   return jax.random.split(jax.random.fold_in(key, step))[0]
 
 
-class Objective(NamedTuple):
-  """What a train step minimises. ``loss(params, x0, labels, example_keys, dropout_key,
-  extra) -> (losses (B,), t (B,))``: per-example losses and the timestep each was drawn
-  at (for the per-timestep loss buckets); example ``i`` draws its randomness from
-  ``example_keys[i]`` only, its dropout from ``dropout_key[i]`` (one key per example, for
-  ``models.apply``), so a loss never depends on how the batch is split into devices or
-  microbatches. ``extra``: arrays the loss reads besides the parameters (a
-  distillation teacher's), put on every device once. ``init_params``: parameters to
-  start from instead of fresh ones (a student starts as its teacher). ``uses_step``: the
-  loss also takes ``step=``, the optimizer step being taken (a traced int32 scalar, from
-  ``state.step``: the same in every microbatch, its own in each step of a dispatch), for
-  objectives whose schedule moves with training (consistency tuning's gap)."""
-  loss: Callable
-  extra: Any = None
-  init_params: Any = None
-  uses_step: bool = False
-
-
-def example_noise(example_keys, shape) -> jax.Array:
-  """Each example's Gaussian noise of ``shape``, from ``fold_in(its key, 1)`` (any objective)."""
-  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), shape))(example_keys)
-
-
-def denoising_objective(config, model, schedule: diffusion.Schedule) -> Objective:
-  """L_simple: t uniform in [0, T), the network's prediction against its target."""
-  T = schedule.num_timesteps
-  prediction_type = config.model.prediction_type
-
-  def loss(params, x0, labels, example_keys, dropout_key, extra):
-    del extra
-    t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, T,
-                                              dtype=jnp.int32))(example_keys)
-    noise = example_noise(example_keys, x0.shape[1:])
-    model_fn = lambda x, tt: models.apply(model, params, x, tt, labels,  # noqa: E731
-                                          train=True, dropout_key=dropout_key)
-    return diffusion.per_example_loss(schedule, model_fn, x0, t, noise, prediction_type), t
-
-  return Objective(loss)
-
-
-def accumulated_grads(objective: Objective, params, examples, extra, k: int, step=None):
+def accumulated_grads(objective: objectives.Objective, params, examples, extra, k: int, step=None):
   """(mean loss, mean gradient, per-example losses, t) of ``examples`` = (x0, labels,
   example keys, dropout keys), computed over k equal microbatches in order, one after
   another, and averaged: the whole batch's values (up to float rounding) at the activation
@@ -125,7 +86,8 @@ def accumulated_grads(objective: Objective, params, examples, extra, k: int, ste
 
 
 def make_train_step(config, model, schedule: diffusion.Schedule, tx,
-                    axis_name: str | None = parallel.AXIS, objective: Objective | None = None):
+                    axis_name: str | None = parallel.AXIS,
+                    objective: objectives.Objective | None = None):
   """Builds ``train_step(state, batch, key, extra=None) -> (state, metrics)``.
 
   ``batch`` is (B, H, W, C) in [-1, 1], or {"image": ..., "label": (B,)} for a
@@ -140,7 +102,7 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
   NaN check of the step.
   """
   T = schedule.num_timesteps
-  objective = objective or denoising_objective(config, model, schedule)
+  objective = objective or objectives.denoising(config, model, schedule)
   lr_fn = state_lib.make_lr_schedule(config)
   label_dropout = float(config.training.label_dropout)
   microbatches = int(config.training.microbatches)
@@ -213,7 +175,7 @@ def make_multi_step(train_step, k: int):
   return multi_step
 
 
-def make_p_train_step(config, model, schedule, tx, objective: Objective | None = None):
+def make_p_train_step(config, model, schedule, tx, objective: objectives.Objective | None = None):
   """The pmapped k-step function: (replicated state, [devices, k, B, ...] batches, key,
   [devices, len(parallel.REQUESTS)] requests) -> (state, metrics, agreed requests).
   The objective's ``extra`` arrays are put on the devices once, here."""
@@ -252,10 +214,11 @@ def _check_classes(names, num_classes: int, workdir: str, is_main: bool) -> None
     ckpt_lib.save_class_names(workdir, names)
 
 
-def train_and_evaluate(config, workdir: str, objective: Objective | None = None) -> TrainState:
+def train_and_evaluate(config, workdir: str,
+                       objective: objectives.Objective | None = None) -> TrainState:
   """Trains ``config`` in ``workdir``, resuming from its newest readable checkpoint.
 
-  ``objective``: what to minimise, L_simple unless given (``distill.objective``).
+  ``objective``: what to minimise, L_simple unless given (``ddpm_jax/objectives.py``).
 
   Every process of a multi-host job runs this. Stops cleanly (checkpoint saved, on
   every process at the same step) at the end, on SIGTERM/SIGINT to any process, or

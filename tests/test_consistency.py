@@ -227,7 +227,7 @@ def test_each_step_of_a_dispatch_trains_at_its_own_stage_of_the_gap_schedule():
   noise draw) with the keys the step draws; the trainer hands the objective its step (a
   stage stuck at 0, or the dispatch's first step for both, gives other losses). The
   learning rate is 0 at the first update (warm-up), so both steps see the same weights."""
-  from ddpm_jax import consistency_tuning, models, train
+  from ddpm_jax import models, objectives, train
   from ddpm_jax import state as state_lib
   from tests.conftest import tiny_config
   cfg = tiny_config(**SMALL, **{"consistency.teacher": "t",
@@ -239,7 +239,7 @@ def test_each_step_of_a_dispatch_trains_at_its_own_stage_of_the_gap_schedule():
   tx = state_lib.make_optimizer(cfg)
   st = state_lib.TrainState(step=jnp.int32(3), params=params, ema_params=params,
                             opt_state=tx.init(params))
-  obj = consistency_tuning.consistency_objective(cfg, model, schedule, params)
+  obj = objectives.consistency_tuning(cfg, model, schedule, params)
   steps = jax.jit(train.make_multi_step(
       train.make_train_step(cfg, model, schedule, tx, axis_name=None, objective=obj), 2))
   x0 = jax.random.uniform(jax.random.key(1), (2, 8, 4, 4, 3), minval=-1, maxval=1)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ddpm_jax import checkpoint as ckpt_lib
-from ddpm_jax import config_lib, diffusion, distill, generate, models, sampling, train
+from ddpm_jax import config_lib, diffusion, distill, generate, models, objectives, sampling, train
 from ddpm_jax.errors import ConfigError
 from tests import analytic
 from tests.conftest import tiny_config
@@ -43,7 +43,7 @@ def test_one_ddim_step_with_the_target_lands_on_the_teachers_two_step_result():
   t_end = np.array([749, 0, -1, 10, -1], np.int32)
   z = rng.normal(size=(5, 4, 4, 3)).astype(np.float32)
   z_end = rng.normal(size=(5, 4, 4, 3)).astype(np.float32)
-  x0 = np.asarray(distill.two_step_target(schedule, jnp.asarray(z), jnp.asarray(t),
+  x0 = np.asarray(objectives.two_step_target(schedule, jnp.asarray(z), jnp.asarray(t),
                                           jnp.asarray(t_end), jnp.asarray(z_end)), np.float64)
   a_t, a_e = (np.sqrt(ab[v]).reshape(-1, 1, 1, 1) for v in (t, t_end))
   s_t, s_e = (np.sqrt(1 - ab[v]).reshape(-1, 1, 1, 1) for v in (t, t_end))
@@ -59,8 +59,8 @@ def _exact_student(schedule, teacher_eps, n_teacher):
 
   def eps_fn(x, t):
     j = jnp.argmax(grid[None, ::2] == t[:, None], axis=1)  # t is level 2j
-    _, t_end, z_end = distill.teacher_two_steps(schedule, teacher_eps, x, grid, j, False)
-    x0 = distill.two_step_target(schedule, x, t, t_end, z_end)
+    _, t_end, z_end = objectives.teacher_two_steps(schedule, teacher_eps, x, grid, j, False)
+    x0 = objectives.two_step_target(schedule, x, t, t_end, z_end)
     return diffusion.x0_to_eps(schedule, x, t, x0)
   return eps_fn
 
@@ -92,12 +92,12 @@ def test_the_loss_weight_is_truncated_snr_or_snr_plus_one():
   t = jnp.array([0, 100, 300, 999])
   snr = ab[np.asarray(t)] / (1 - ab[np.asarray(t)])
   assert snr[1] > 1 > snr[2]  # both sides of SNR = 1 are covered
-  np.testing.assert_allclose(distill.loss_weight(schedule, t, "truncated_snr"),
+  np.testing.assert_allclose(objectives.loss_weight(schedule, t, "truncated_snr"),
                              np.maximum(snr, 1), rtol=1e-4)
-  np.testing.assert_allclose(distill.loss_weight(schedule, t, "snr_plus_one"), snr + 1,
+  np.testing.assert_allclose(objectives.loss_weight(schedule, t, "snr_plus_one"), snr + 1,
                              rtol=1e-4)
   with pytest.raises(ConfigError, match="distill.weighting"):
-    distill.loss_weight(schedule, t, "snr")
+    objectives.loss_weight(schedule, t, "snr")
 
 
 # ------------------------------------------------------------------ the objective, closed form
@@ -128,7 +128,7 @@ def round_case():
   x0 = jax.random.uniform(jax.random.key(2), (32, 8, 8, 3), minval=-1, maxval=1)
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(32))
   teacher = _random_params(model, 0)
-  obj = distill.objective(cfg, model, schedule, teacher_config, teacher)
+  obj = objectives.distillation(cfg, model, schedule, teacher_config, teacher)
 
   def mean_loss(params, teacher, keys):
     losses, t = obj.loss(params, x0, None, keys, jax.random.key(4), teacher)
@@ -154,7 +154,7 @@ def _algorithm_2(c, student, t, keys=None):
   net = lambda p, x, u: np.asarray(c["net"](p, jnp.asarray(x, jnp.float32),  # noqa: E731
                                             jnp.asarray(u, jnp.int32)), np.float64)
   keys = c["keys"] if keys is None else keys
-  eps = np.asarray(train.example_noise(keys, (8, 8, 3)), np.float64)
+  eps = np.asarray(objectives.example_noise(keys, (8, 8, 3)), np.float64)
   z = a(t) * np.asarray(c["x0"], np.float64) + s(t) * eps
   zk = z
   for k in (2 * j, 2 * j + 1):  # the teacher's two steps, clipping its x0

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import config_lib, diffusers_io, models, parallel, train
+from ddpm_jax import config_lib, diffusers_io, models, objectives, parallel, train
 from tests.conftest import tiny_config
 from tests.test_train import batch, setup
 
@@ -33,7 +33,7 @@ def _setup(config):
 
 def _grads(config, params=None, x=None, dropout_fold=3):
   model, schedule, tx, state = _setup(config)
-  objective = train.denoising_objective(config, model, schedule)
+  objective = objectives.denoising(config, model, schedule)
   x = batch(8) if x is None else x
   keys = jax.random.split(jax.random.key(5), 8)
   dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, dropout_fold))(keys)
