@@ -271,6 +271,7 @@ D="{POD_DIR}"
 pid=
 printf '== %s %s\\n' "$(date -u)" {shlex.quote(shlex.join(args))} >> "$D/train.log"
 trap 'touch "$D/signalled"; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null' TERM INT
+echo $$ > "$D/wrapper_pid"
 cd "{REPO_DIR}" || {{ echo 127 > "$D/rc"; exit 1; }}
 export JAX_PLATFORMS=tpu
 {main} >> "$D/train.log" 2>&1 < /dev/null &
@@ -278,7 +279,7 @@ pid=$!
 echo "$pid" > "$D/pid"
 while :; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done
 wait "$pid"; r=$?; [ "$r" -ne 127 ] && rc=$r
-echo "$rc" > "$D/rc"
+echo "$rc" > "$D/rc.tmp" && mv "$D/rc.tmp" "$D/rc"
 """
 
   def start_training(self) -> None:
@@ -287,7 +288,7 @@ echo "$rc" > "$D/rc"
     cmd = (f'D="{POD_DIR}"; mkdir -p "$D"; p=$(cat "$D/pid" 2>/dev/null); '
            f'if [ -n "$p" ] && [ ! -f "$D/rc" ] && kill -0 "$p" 2>/dev/null; then '
            f'echo "{STATUS_TAG} $(hostname) already running pid $p"; else '
-           f'rm -f "$D/pid" "$D/rc" "$D/signalled" "$D/stop_requested"; '
+           f'rm -f "$D/pid" "$D/wrapper_pid" "$D/rc" "$D/signalled" "$D/stop_requested"; '
            f'echo {script} | base64 -d > "$D/run.sh"; '
            f'setsid nohup bash "$D/run.sh" > "$D/wrapper.log" 2>&1 < /dev/null & '
            f'for i in $(seq 600); do [ -s "$D/pid" ] && break; sleep 0.1; done; '
@@ -299,16 +300,27 @@ echo "$rc" > "$D/rc"
     if running:
       log(f"a trainer was already running on {', '.join(running)}: not started again there")
 
+  @staticmethod
+  def status_command() -> str:
+    """The shell line that prints one worker's trainer state (``worker_states`` reads it).
+
+    The wrapper outlives its trainer by the moment it takes to write rc (atomically): a
+    trainer gone with its wrapper still there is finishing, not vanished.
+    """
+    return (f'D="{POD_DIR}"; p=$(cat "$D/pid" 2>/dev/null); '
+            f'w=$(cat "$D/wrapper_pid" 2>/dev/null); '
+            f'if [ -f "$D/rc" ]; then s="exited $(cat "$D/rc")"; '
+            f'elif [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then s=running; '
+            f'elif [ -n "$w" ] && grep -qs run.sh "/proc/$w/cmdline"; then s=running; '
+            f'elif [ -n "$p" ]; then s=vanished; else s=none; fi; '
+            f'[ -f "$D/signalled" ] && s="$s signalled"; '
+            f'[ -f "$D/stop_requested" ] && s="$s stop_requested"; '
+            f'echo "{STATUS_TAG} $(hostname) $s"')
+
   def worker_states(self) -> list[dict] | None:
     """Each worker's trainer: running / exited (rc) / vanished / none; None if not every
     worker answered. ``self.answered``: how many did (None when gcloud itself failed)."""
-    cmd = (f'D="{POD_DIR}"; p=$(cat "$D/pid" 2>/dev/null); '
-           f'if [ -f "$D/rc" ]; then s="exited $(cat "$D/rc")"; '
-           f'elif [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then s=running; '
-           f'elif [ -n "$p" ]; then s=vanished; else s=none; fi; '
-           f'[ -f "$D/signalled" ] && s="$s signalled"; '
-           f'[ -f "$D/stop_requested" ] && s="$s stop_requested"; '
-           f'echo "{STATUS_TAG} $(hostname) $s"')
+    cmd = self.status_command()
     self.answered = None
     r = self.ssh(cmd, check=False)
     out = []

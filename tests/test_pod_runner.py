@@ -622,3 +622,32 @@ def test_ctrl_c_with_delete_when_done_deletes_only_a_finished_slice(fake_gcloud,
   else:
     assert kinds == ["create", "install", "train"]
     assert r.stdout.strip().splitlines()[-1].endswith(BILLS)
+
+
+def test_a_trainer_whose_wrapper_is_still_writing_its_status_is_not_taken_for_vanished(tmp_path):
+  """The window between the trainer's exit and its wrapper's rc (the cause of a rerun after an
+  uneventful run on CI): a dead trainer pid with its run.sh alive reads "running"; the same
+  dead pid with no wrapper reads "vanished"; a written rc reads "exited 0"."""
+  import subprocess
+  d = tmp_path / "ddpm_pod"
+  d.mkdir()
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  (d / "pid").write_text(str(dead.pid))
+  (tmp_path / "run.sh").write_text("sleep 30\n")
+  wrapper = subprocess.Popen(["bash", str(tmp_path / "run.sh")])
+
+  def state():
+    r = subprocess.run(["bash", "-c", pod.Pod.status_command()], capture_output=True, text=True,
+                       env={**os.environ, "HOME": str(tmp_path)}, check=True)
+    return r.stdout.split()[2:]
+
+  try:
+    (d / "wrapper_pid").write_text(str(wrapper.pid))
+    assert state() == ["running"]
+  finally:
+    wrapper.kill()
+    wrapper.wait()
+  assert state() == ["vanished"]
+  (d / "rc").write_text("0\n")
+  assert state() == ["exited", "0"]
