@@ -147,11 +147,12 @@ def _overrides() -> dict:
 
 def _config(mode: Mode):
   """The --config file, or for a mode that reads the workdir's run without --config, the
-  workdir's saved config (fields added since filled in) with the command line's overrides."""
+  workdir's saved config (fields added since filled in) with the command line's overrides;
+  either with every field of ``configs/default.py`` (each mode completes and validates it)."""
   from ddpm_jax import checkpoint as ckpt_lib
   from ddpm_jax import config_lib
   if mode.own_config or FLAGS["config"].present:
-    return FLAGS.config
+    return config_lib.with_defaults(FLAGS.config)
   mngr = ckpt_lib.make_manager(FLAGS.workdir, read_only=True, async_save=False)
   config, _ = ckpt_lib.newest_config(mngr, FLAGS.workdir)
   config_lib.fill_missing(config, FLAGS.config)  # fields added since the run was started
@@ -181,7 +182,6 @@ def main(argv):
   parallel.initialize_distributed()
   import jax
 
-  from ddpm_jax import config_lib
   from ddpm_jax.errors import LOCKED_EXIT_STATUS, StoppedEarly, UserError, WorkdirLocked
   logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
@@ -190,7 +190,7 @@ def main(argv):
     from ddpm_jax import tpu_vm
     tpu_vm.check_backend(FLAGS.mode)  # no training on the host CPU of a TPU VM
     config = _config(MODES[FLAGS.mode])
-    if config_lib.setting(config, "training.compilation_cache"):
+    if config.training.compilation_cache:
       run_utils.enable_compilation_cache()  # sampling modes reuse compiled samplers too
     _run(FLAGS.mode, config, FLAGS.workdir)
   except WorkdirLocked as e:  # "try again later": the pod runner waits for a stale lock

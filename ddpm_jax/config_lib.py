@@ -8,7 +8,7 @@ import math
 from ddpm_jax import diffusion, sampling
 from ddpm_jax.errors import ConfigError
 
-__all__ = ["ConfigError", "validate", "check_compatible", "fill_missing", "defaults", "setting",
+__all__ = ["ConfigError", "validate", "check_compatible", "fill_missing", "defaults",
            "with_defaults", "complete", "apply_overrides"]
 
 
@@ -21,21 +21,6 @@ def _default_config():
 def defaults():
   """A fresh copy of ``configs/default.py``'s config: every field and its default."""
   return _default_config().copy_and_resolve_references()
-
-
-def setting(config, path: str):
-  """``config``'s value at the dotted ``path`` ("sampling.guidance_scale"), or
-  ``configs/default.py``'s where ``config`` lacks the field (a config saved by an older
-  version). Code reads optional fields through this, never with a default of its own."""
-  node = config
-  for key in path.split("."):
-    if key not in node:
-      node = _default_config()
-      for k in path.split("."):
-        node = node[k]
-      return node
-    node = node[key]
-  return node
 
 
 def with_defaults(config):

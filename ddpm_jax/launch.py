@@ -1,4 +1,4 @@
-"""Rehearse a multi-host job on one machine: N processes of ``main.py`` as a pod would run them.
+"""Rehearse a multi-host job on one machine: N processes of the command line as a pod runs them.
 
   python -m ddpm_jax.launch --processes 2 --devices-per-process 2 -- \\
       --config configs/tiny.py --workdir runs/pod
@@ -36,7 +36,9 @@ import sys
 import threading
 import time
 
-MAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main.py")
+# Each process runs the package's command line (``python -m ddpm_jax``, what ``main.py`` runs),
+# found through PYTHONPATH from any working directory, installed or in a clone.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
@@ -57,6 +59,8 @@ def process_env(i: int, n: int, port: int, devices: int | None, base=None,
             "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "GCE_METADATA_IP"):
     env.pop(k, None)
   env["PYTHONUNBUFFERED"] = "1"
+  env["PYTHONPATH"] = os.pathsep.join(
+      [_PACKAGE_ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
   if cluster == "explicit":
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n),
                JAX_PROCESS_ID=str(i))
@@ -126,9 +130,11 @@ def _pump(stream, prefix: str, out) -> None:
 
 
 def launch(args: list[str], processes: int, devices_per_process: int | None = None,
-           port: int | None = None, grace_s: float = 150.0, script: str = MAIN,
+           port: int | None = None, grace_s: float = 150.0, script: str | None = None,
            cluster: str = "explicit") -> int:
-  """Runs ``script args`` as ``processes`` processes; returns the job's exit status."""
+  """Runs ``python -m ddpm_jax args`` (or ``python script args``) as ``processes`` processes;
+  returns the job's exit status."""
+  command = [sys.executable] + (["-m", "ddpm_jax"] if script is None else [script])
   port = port or free_port()
   procs, pumps = [], []
   servers = [metadata_server(i, processes, gke=cluster == "gke-tpu")
@@ -136,7 +142,7 @@ def launch(args: list[str], processes: int, devices_per_process: int | None = No
   for i in range(processes):
     metadata = (f"{servers[i].server_address[0]}:{servers[i].server_address[1]}" if servers
                 else None)
-    p = subprocess.Popen([sys.executable, script, *args],
+    p = subprocess.Popen([*command, *args],
                          env=process_env(i, processes, port, devices_per_process, None,
                                          cluster, metadata),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -282,7 +282,7 @@ def test_a_round_config_is_the_teachers_model_with_the_students_sampler():
   off.sampling.num_steps = 3  # asked for another count: sampled as asked, off its grid
   assert generate.student_timesteps(off, 100) is None
   assert generate.student_timesteps(teacher, 100) is None
-  assert config_lib.setting(teacher, "distill.round") == 0
+  assert config_lib.with_defaults(teacher).distill.round == 0
 
 
 # ------------------------------------------------------------------ the command, tiny
