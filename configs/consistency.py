@@ -9,8 +9,8 @@ One training run of training.num_train_steps that starts from the teacher's weig
 gap between the two noise levels shrinks 8 times over it (consistency.double_every_steps
 0). The model, data and schedule are the teacher's (override data.* on the command line if
 its images moved). As ECT (github.com/locuslab/ect, CIFAR-10): Adam at a constant learning
-rate of 1e-4 with no warm-up; the batch and length here are the CPU-sized ones of
-configs/distill.py. See docs/architecture.md.
+rate of 1e-4 with no warm-up; batch 32 as in configs/distill.py and 2,000 steps (twice a
+distillation round), sized for a CPU. See docs/architecture.md.
 """
 
 from configs import default

@@ -137,6 +137,7 @@ def check_backend(mode: str, env=None, platform: str | None = None) -> None:
     return  # not a TPU VM: a CPU run is what was asked for
   where = (f"a Cloud TPU VM ({accelerator})" if accelerator
            else f"a machine with {chips} TPU chip(s)")
-  raise CpuOnTpuVm(f"this is {where} but JAX has no TPU and would {mode} on the host CPU while "
+  what = "train" if mode == "train" else f"train (--mode={mode})"
+  raise CpuOnTpuVm(f"this is {where} but JAX has no TPU and would {what} on the host CPU while "
                    f"the TPU bills: {likely_cause(accelerator, env)}; set {ALLOW_ENV}=1 to "
-                   f"{mode} on the CPU anyway")
+                   f"train on the CPU anyway")
