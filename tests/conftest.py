@@ -27,13 +27,9 @@ SHARED_FACES = os.path.join(REPO, "..", "shared", "data", "anime_faces_64", "ima
 def tiny_config(**overrides):
   """configs/tiny.py with ``overrides`` ({"a.b": value}): under a second a step on CPU."""
   from configs import tiny
+  from ddpm_jax import config_lib
   c = tiny.get_config()
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  config_lib.apply_overrides(c, overrides)  # the one override loop
   return c
 
 

@@ -235,9 +235,7 @@ def test_a_train_step_leaves_the_teacher_as_it_was_and_trains_against_it(round_c
 def _distill_config(**kw):
   from configs import distill as distill_config
   c = distill_config.get_config()
-  for k, v in kw.items():
-    section, leaf = k.split(".")
-    c[section][leaf] = v
+  config_lib.apply_overrides(c, kw)
   return c
 
 
