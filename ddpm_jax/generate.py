@@ -157,7 +157,7 @@ class Sampler:
   def _labels(self, labels, n: int):
     """Labels per device; the null label where none are given."""
     if labels is None:
-      labels = np.full((n,), self.model.num_classes, np.int32)
+      labels = models.null_labels(self.model.num_classes, n)
     return np.asarray(labels, np.int32).reshape(jax.local_device_count(), -1)
 
   def _key(self, seed: int | None, batch_key: int) -> jax.Array:

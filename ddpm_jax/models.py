@@ -204,7 +204,7 @@ class UNet(nn.Module):
                     name="temb1")(nn.silu(temb))
     if self.num_classes:
       if y is None:
-        y = jnp.full(t.shape, self.num_classes, jnp.int32)
+        y = null_labels(self.num_classes, t.shape[0])
       temb = temb + nn.Embed(self.num_classes + 1, self.ch * 4, dtype=self.dtype,
                              name="class_emb")(y)
 
@@ -239,6 +239,13 @@ class UNet(nn.Module):
     assert not hs
     h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(h))
     return conv3(self.out_ch, init=zero_init, name="conv_out")(h).astype(jnp.float32)
+
+
+def null_labels(num_classes: int, n: int) -> jax.Array:
+  """``n`` copies of the null label ("no class": classifier-free guidance's unconditional
+  branch), the index ``num_classes``, the class embedding's extra last row. The one place
+  this rule is written."""
+  return jnp.full((n,), num_classes, jnp.int32)
 
 
 def create_model(config) -> UNet:

@@ -116,10 +116,11 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
     example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(device * B + jnp.arange(B))
     dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(example_keys)
     if model.num_classes:  # classifier-free guidance: some labels become the null label
-      labels = jnp.full((B,), model.num_classes, jnp.int32) if labels is None else labels
+      null = models.null_labels(model.num_classes, B)
+      labels = null if labels is None else labels
       drop = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 2)) < label_dropout)(
           example_keys)
-      labels = jnp.where(drop, model.num_classes, labels)
+      labels = jnp.where(drop, null, labels)
     else:
       labels = None
 

@@ -74,7 +74,7 @@ class ValidationLoss:
         config.model.prediction_type))
 
   def null_labels(self, batch) -> jax.Array:
-    return jnp.full((len(batch),), self.num_classes, jnp.int32)
+    return models.null_labels(self.num_classes, len(batch))
 
   def _measure(self, params, labels) -> dict:
     losses, start = [], 0
