@@ -61,8 +61,15 @@ def test_remat_keeps_every_parameter_name_and_shape(attention):
     assert len(diffusers_io.to_diffusers(zeros, c)) == len(jax.tree.leaves(zeros))
 
 
-def test_remat_gives_the_same_loss_and_gradients_on_one_device():
-  loss0, g0, losses0, _ = _grads(tiny_config(**ON))
+@pytest.fixture(scope="module")
+def plain():
+  """The reference the equivalences compare with, computed once: the plain model's (no
+  remat, one microbatch, one device) gradients and its state after two single steps."""
+  return {"grads": _grads(tiny_config(**ON)), "steps": _two_single_steps(tiny_config(**ON))}
+
+
+def test_remat_gives_the_same_loss_and_gradients_on_one_device(plain):
+  loss0, g0, losses0, _ = plain["grads"]
   loss1, g1, losses1, _ = _grads(tiny_config(**{"model.remat": "block", **ON}))
   np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
   np.testing.assert_allclose(losses1, losses0, rtol=1e-5)
@@ -95,16 +102,16 @@ def test_remat_under_pmap_on_four_devices_equals_no_remat():
   _leaves_close(remat, plain, rtol=1e-4)  # Adam amplifies ulp noise
 
 
-def test_k_microbatches_give_the_whole_batch_update():
+def test_k_microbatches_give_the_whole_batch_update(plain):
   """Gradients of 4 microbatches = the whole batch's; after 2 steps (the first has lr 0 in
   warmup) params, Adam moments, EMA and the loss buckets agree; the step counts once."""
-  loss0, g0, losses0, t0 = _grads(tiny_config(**ON))
+  loss0, g0, losses0, t0 = plain["grads"]
   loss4, g4, losses4, t4 = _grads(tiny_config(**{"training.microbatches": 4, **ON}))
   np.testing.assert_allclose(loss4, loss0, rtol=1e-6)
   np.testing.assert_array_equal(t4, t0)  # same t per example, same order
   np.testing.assert_allclose(losses4, losses0, rtol=1e-5)
   _leaves_close(g4, g0)
-  whole, mw = _two_single_steps(tiny_config(**ON))
+  whole, mw = plain["steps"]
   micro, mm = _two_single_steps(tiny_config(**{"training.microbatches": 4, **ON}))
   assert int(micro.step) == int(whole.step) == 2
   # Adam divides by sqrt(v): where a gradient is tiny the reassociated sums' ulp noise grows
@@ -114,14 +121,14 @@ def test_k_microbatches_give_the_whole_batch_update():
   np.testing.assert_allclose(mm["loss_bucket_sum"], mw["loss_bucket_sum"], rtol=1e-5)
 
 
-def test_four_devices_equal_one_device_with_dropout_on():
+def test_four_devices_equal_one_device_with_dropout_on(plain):
   """Dropout is per example: splitting the batch over 4 devices drops the same units. (That
   the comparison can see dropout at all: other masks give other gradients.)"""
-  _, g, _, _ = _grads(tiny_config(**ON))
+  _, g, _, _ = plain["grads"]
   _, g_other, _, _ = _grads(tiny_config(**ON), dropout_fold=4)
   assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g),
                                                          jax.tree.leaves(g_other))) > 1e-3
-  one, m1 = _two_single_steps(tiny_config(**ON))
+  one, m1 = plain["steps"]
   four, m4 = _two_pmap_steps(tiny_config(**ON))
   np.testing.assert_allclose(m4["loss"][0, 0], m1["loss"], rtol=1e-5)
   _leaves_close(four, one, rtol=1e-3, atol=1e-5)  # Adam's ulp amplification, as above
