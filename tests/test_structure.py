@@ -1,6 +1,7 @@
 """The house has no circles: imports between ddpm_jax modules, read with ast (nothing runs)."""
 
 import ast
+import glob
 import os
 
 from tests.conftest import REPO
@@ -214,3 +215,59 @@ def test_the_drift_check_catches_a_wrong_fallback(tmp_path, monkeypatch):
   assert found == [("ddpm_jax/x.py", 2, "guidance_scale", 1.0),
                    ("ddpm_jax/x.py", 2, "num_groups", 32)]
   assert drift(found) == ["ddpm_jax/x.py:2: guidance_scale=1.0, configs/default.py has [3.0]"]
+
+
+def _benchmark_references(path: str) -> list[tuple[int, str, list[str]]]:
+  """Every ``alias.a.b`` in a benchmark file whose ``alias`` is a ddpm_jax module it imports
+  (anywhere in the file: the benchmarks import lazily): (line, module, [a, b, ...])."""
+  tree = ast.parse(open(path).read())
+  aliases = {}
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module == "ddpm_jax":
+      for a in node.names:
+        aliases[a.asname or a.name] = f"ddpm_jax.{a.name}"
+  out = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Attribute) and not isinstance(getattr(node, "_parent", None),
+                                                          ast.Attribute):
+      chain, base = [], node
+      while isinstance(base, ast.Attribute):
+        chain.insert(0, base.attr)
+        base = base.value
+      if isinstance(base, ast.Name) and base.id in aliases:
+        out.append((node.lineno, aliases[base.id], chain))
+    for child in ast.iter_child_nodes(node):
+      child._parent = node
+  return out
+
+
+def _missing(module: str, chain: list[str]) -> str | None:
+  """The first name of ``chain`` that ``module`` (then each module or class on the way) lacks."""
+  import importlib
+  import inspect
+  obj = importlib.import_module(module)
+  for name in chain:
+    if not (inspect.ismodule(obj) or inspect.isclass(obj)):
+      return None  # a value: its attributes are not ours to know statically
+    if not hasattr(obj, name):
+      return name
+    obj = getattr(obj, name)
+  return None
+
+
+def test_the_benchmarks_name_only_what_the_package_has(tmp_path):
+  """The benchmarks run by hand, not in the suite: a function they call that moved or was
+  renamed (fid_floor.py once called the pre-#26.4 names) is caught here, by reading them."""
+  found = 0
+  for path in sorted(glob.glob(os.path.join(REPO, "benchmarks", "*.py"))):
+    for line, module, chain in _benchmark_references(path):
+      found += 1
+      gone = _missing(module, chain)
+      assert gone is None, (f"{os.path.relpath(path, REPO)}:{line}: {module}."
+                            f"{'.'.join(chain)}: no {gone!r}")
+  assert found > 50  # the walk sees the references
+  bad = tmp_path / "bad.py"
+  bad.write_text("def f():\n  from ddpm_jax import evaluate\n  return evaluate.Reference.nope\n")
+  (line, module, chain), = _benchmark_references(str(bad))
+  assert (line, module, chain) == (3, "ddpm_jax.evaluate", ["Reference", "nope"])
+  assert _missing(module, chain) == "nope"
