@@ -1,4 +1,5 @@
-"""The house has no circles: imports between ddpm_jax modules, read with ast (nothing runs)."""
+"""The house has no circles: imports between ddpm_jax modules, read with ast (nothing runs);
+config defaults from one file; benchmarks that name only what the package has."""
 
 import ast
 import glob
@@ -199,6 +200,10 @@ def test_code_defaults_cannot_drift_from_configs_default():
     for key in path.split("."):
       node = node[key]
     assert node == value, path
+  # ... and keeps the fields a config has (a saved run's own values win over the defaults).
+  own = default.get_config()
+  own.sampling.guidance_scale = 5.0
+  assert config_lib.with_defaults(own).sampling.guidance_scale == 5.0
 
 
 def test_the_drift_check_catches_a_wrong_fallback(tmp_path, monkeypatch):
