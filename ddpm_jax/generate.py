@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from ddpm_jax import (
+  config_lib,
   consistency,
   diffusion,
   images,
@@ -118,6 +119,7 @@ class Sampler:
   """
 
   def __init__(self, config, model, schedule, plan: sampling.Plan | None = None):
+    config = config_lib.with_defaults(config)  # a public entry: fields it lacks get defaults
     self.plan = plan_for(config, schedule) if plan is None else plan
     self.config, self.schedule, self.model = config, schedule, model
     self.num_frames = self.plan.num_frames

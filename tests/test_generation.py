@@ -517,6 +517,27 @@ def test_sampling_json_counts_every_step_ddpm_takes():
       "img2img"
 
 
+def test_a_sampler_of_a_config_without_some_sections_takes_their_defaults():
+  """Sampler is a public entry: a library user's config that lacks whole sections
+  (``consistency``, written before consistency tuning existed) and fields samples as the
+  complete one does, with the defaults."""
+  from ddpm_jax import config_lib, generate, models
+  full = config_lib.with_defaults(tiny_config(**{"sampling.num_steps": 4}))
+  partial = tiny_config(**{"sampling.num_steps": 4})
+  with partial.unlocked():
+    del partial["consistency"], partial.sampling["clip_x0"]
+  assert "consistency" not in partial
+  sched = diffusion.make_schedule("linear", 100)
+  model = models.create_model(full)
+  x = jnp.zeros((1, 8, 8, 3))
+  params = model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32))["params"]
+  ours, theirs = generate.Sampler(partial, model, sched), generate.Sampler(full, model, sched)
+  assert ours.plan == theirs.plan
+  assert "consistency" not in partial  # the caller's config is left as it was
+  np.testing.assert_array_equal(ours(params, np.arange(4), seed=0, batch_key=0)[0],
+                                theirs(params, np.arange(4), seed=0, batch_key=0)[0])
+
+
 def test_earlier_results_with_other_settings_are_never_overwritten(tmp_path):
   """``unclaimed``: a folder (or an eval report) made with other settings is kept, the new
   results go to name-2, name-3, ...; the same settings reuse their own folder."""
