@@ -73,11 +73,10 @@ def main():
   import numpy as np
 
   from ddpm_jax import checkpoint as ckpt_lib
-  from ddpm_jax import config_lib, datasets, diffusion, evaluate, generate, images, models
+  from ddpm_jax import datasets, diffusion, evaluate, generate, images, models
 
   def load(workdir, sampler, steps):
-    mngr = ckpt_lib.make_manager(workdir, read_only=True, async_save=False)
-    config = config_lib.with_defaults(ckpt_lib.newest_config(mngr, workdir)[0])
+    config = ckpt_lib.saved_config(workdir)
     if args.data_folder:
       config.data.folder = args.data_folder
     if args.num_reference:

@@ -10,11 +10,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ddpm_jax import checkpoint as ckpt_lib  # noqa: E402
-from ddpm_jax import config_lib, datasets, evaluate  # noqa: E402
+from ddpm_jax import datasets, evaluate  # noqa: E402
 
 w, n = sys.argv[1], int(sys.argv[2])
-mngr = ckpt_lib.make_manager(w, read_only=True, async_save=False)
-config = config_lib.with_defaults(ckpt_lib.newest_config(mngr, w)[0])
+config = ckpt_lib.saved_config(w)
 config.eval.num_samples = config.eval.num_reference = config.eval.num_examples = n
 data = datasets.prepare_data(config)
 src = data.source(config.data.eval_split)

@@ -28,8 +28,7 @@ def main():
   import numpy as np
 
   from ddpm_jax import checkpoint, datasets, diffusion, generate, images, models
-  config, _ = checkpoint.newest_config(
-      checkpoint.make_manager(args.workdir, read_only=True, async_save=False), args.workdir)
+  config = checkpoint.saved_config(args.workdir)
   config.sampling.num_frames = 0
 
   def load(split, n):

@@ -52,7 +52,7 @@ def main():
 
   from configs import anime32
   from ddpm_jax import checkpoint as ckpt_lib
-  from ddpm_jax import config_lib, datasets, diffusion, evaluate, generate, images, models
+  from ddpm_jax import datasets, diffusion, evaluate, generate, images, models
 
   config = anime32.get_config()
   config.data.folder = os.path.abspath(args.folder)
@@ -70,9 +70,7 @@ def main():
   time.sleep(seconds)
   proc.send_signal(signal.SIGTERM)
   proc.wait()
-  saved = ckpt_lib.newest_config(ckpt_lib.make_manager(ours_dir, read_only=True,
-                                                       async_save=False), ours_dir)[0]
-  saved = config_lib.with_defaults(saved)
+  saved = ckpt_lib.saved_config(ours_dir)
   s = saved.sampling
   s.sampler, s.eta, s.num_steps, s.spacing, s.clip_x0, s.batch_size = "ddim", 1.0, 100, \
       "uniform", True, 64

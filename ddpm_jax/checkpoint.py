@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from ddpm_jax import fs, parallel, state
+from ddpm_jax import config_lib, fs, parallel, state
 from ddpm_jax.errors import ConfigError, NoCheckpointError, UserError
 
 
@@ -341,6 +341,13 @@ def newest_config(manager: ocp.CheckpointManager, workdir: str):
                     f"checkpoint can be moved out of checkpoints/")
   raise NoCheckpointError(f"no checkpoint in {checkpoint_dir(workdir)!r}: train first with "
                           f"`python main.py --config CONFIG --workdir {workdir}`")
+
+
+def saved_config(workdir: str):
+  """The config a workdir's run was saved with (its newest readable checkpoint's), with the
+  fields added since filled in from today's defaults: the one reader of a saved config."""
+  saved, _ = newest_config(make_manager(workdir, read_only=True, async_save=False), workdir)
+  return config_lib.with_defaults(saved)
 
 
 def _tuples(d):

@@ -153,9 +153,7 @@ def _config(mode: Mode):
   from ddpm_jax import config_lib
   if mode.own_config or FLAGS["config"].present:
     return config_lib.with_defaults(FLAGS.config)
-  mngr = ckpt_lib.make_manager(FLAGS.workdir, read_only=True, async_save=False)
-  config, _ = ckpt_lib.newest_config(mngr, FLAGS.workdir)
-  config_lib.fill_missing(config, FLAGS.config)  # fields added since the run was started
+  config = ckpt_lib.saved_config(FLAGS.workdir)  # fields added since: the defaults
   config_lib.apply_overrides(config, _overrides())
   return config
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from absl import logging
 
-from ddpm_jax import config_lib, diffusion, distill, fs, models, objectives, parallel, train
+from ddpm_jax import checkpoint as ckpt_lib
+from ddpm_jax import config_lib, diffusion, fs, models, objectives, parallel, pinning, train
 from ddpm_jax.errors import ConfigError
 
 # Sections a tuning run takes from its own config (defaults: configs/default.py's
@@ -37,25 +38,25 @@ def tune(config, workdir: str, overrides: dict | None = None) -> str | None:
   ``train_and_evaluate`` run, the gap's stage computed from the step inside the loss, so
   exact resume, agreed stops, progress and TensorBoard are the trainer's. Returns the
   workdir, or None when stopped (by a signal: the same command resumes). The teacher is
-  pinned in ``<workdir>/teacher.json`` as a distillation round's is (``distill.pinned_teacher``):
-  a resumed run reads exactly that step."""
+  pinned in ``<workdir>/teacher.json`` as a distillation round's is
+  (``pinning.pinned_teacher``): a resumed run reads exactly that step."""
   workdir = fs.normalize(workdir)
-  teacher = config_lib.with_defaults(config).consistency.teacher
-  if not teacher:
+  named = config_lib.with_defaults(config).consistency.teacher
+  if not named:
     raise ConfigError("set --config.consistency.teacher=WORKDIR: the trained run to tune")
-  teacher_dir = fs.normalize(teacher)
+  teacher_dir = fs.normalize(named)
   if teacher_dir == workdir:
     raise ConfigError(f"--workdir={workdir} is the teacher itself: tune into another workdir")
-  teacher_config = distill.saved_config(teacher_dir)
+  teacher_config = ckpt_lib.saved_config(teacher_dir)
   cfg = tune_config(config, teacher_config, overrides or {})
   cfg.consistency.teacher = teacher_dir
-  teacher_params, teacher_step = distill.pinned_teacher(workdir, teacher_dir, teacher_dir,
-                                                        teacher_config, "consistency.teacher",
-                                                        "consistency.teacher")
+  teacher_params, teacher_step = pinning.pinned_teacher(
+      workdir, teacher_dir, teacher_dir, teacher_config, "consistency.teacher",
+      "consistency.teacher")
   if parallel.is_main():
     logging.info("consistency tuning of %s (step %d, pinned in %s) into %s: %d steps, the gap "
                  "shrinking every %d", teacher_dir, teacher_step,
-                 fs.join(workdir, distill.PIN_FILE), workdir, cfg.training.num_train_steps,
+                 fs.join(workdir, pinning.PIN_FILE), workdir, cfg.training.num_train_steps,
                  objectives.double_every(cfg))
   model = models.create_model(cfg)
   schedule = diffusion.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)

@@ -613,10 +613,8 @@ def export_pipeline(config, workdir: str, out_dir: str, use_ema: bool = True) ->
   """``workdir``'s newest checkpoint (EMA parameters unless ``use_ema=False``) -> a
   DDPMPipeline folder ``out_dir``; returns ``out_dir``. ``config`` None: the checkpoint's."""
   from ddpm_jax import checkpoint
-  if config is None:
-    mngr = checkpoint.make_manager(workdir, read_only=True, async_save=False)
-    config, _ = checkpoint.newest_config(mngr, workdir)
-  config = config_lib.with_defaults(config)
+  config = checkpoint.saved_config(workdir) if config is None else \
+      config_lib.with_defaults(config)
   config.sampling.use_ema = bool(use_ema)
   unet_cfg, sched_cfg = unet_config(config), scheduler_config(config)  # refusals first
   if fs.exists(out_dir) and fs.listdir(out_dir) and \

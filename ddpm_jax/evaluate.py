@@ -66,7 +66,6 @@ from ddpm_jax import (
 )
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax.errors import ConfigError, NoCheckpointError
-from ddpm_jax.modes import unclaimed
 
 
 def eps_fn_for(config, model, schedule):
@@ -327,7 +326,7 @@ def _write(config, workdir, report, samples_u8, ref, nearest, writer, name=None)
   name = config.eval.name if name is None else name
   step = report["step"]
   base = fs.join(workdir, "eval", f"{step}_{name}" if name else f"{step}")
-  stem = unclaimed(lambda k: base if k == 1 else f"{base}-{k}", lambda p: f"{p}.json",
+  stem = writers.unclaimed(lambda k: base if k == 1 else f"{base}-{k}", lambda p: f"{p}.json",
                    report["settings"])
   if ref is not None:
     _save_nearest(f"{stem}_nearest.png", samples_u8, ref.train_u8, *nearest)

@@ -12,7 +12,6 @@ writes the files into ``<workdir>/samples/<name>/`` (local or ``gs://``).
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 
@@ -33,6 +32,7 @@ from ddpm_jax import (
   models,
   parallel,
   sampling,
+  writers,
 )
 from ddpm_jax.errors import ConfigError, InputError
 from ddpm_jax.generate import Sampler
@@ -68,28 +68,6 @@ def mode_config(config, mode: str, **forced):
   return config
 
 
-def unclaimed(candidate, record_of, settings: dict) -> str:
-  """``candidate(1)``, or ``candidate(2)``, ...: the first output path that is new or was
-  written with the same ``settings`` (its record ``record_of(path)`` says so), so that
-  earlier results made with other settings are never overwritten."""
-  want = json.loads(json.dumps(settings))
-  for k in itertools.count(1):
-    path = candidate(k)
-    record = record_of(path)
-    if not fs.exists(record) and not fs.exists(path):
-      break
-    if fs.exists(record):
-      try:
-        if json.loads(fs.read_text(record)).get("settings") == want:
-          break
-      except (ValueError, AttributeError):  # unreadable or not ours: leave it alone
-        pass
-  if k > 1 and parallel.is_main():
-    logging.warning("%s holds results made with other settings: writing to %s instead",
-                    candidate(1), path)
-  return path
-
-
 def all_settings(config, step: int, mode: str, **extra) -> dict:
   """Every setting a mode's output depends on: the checkpoint step, the mode, the whole
   ``sampling`` section and the diffusion schedule (plus ``extra``)."""
@@ -104,7 +82,7 @@ def _setup(config, workdir, what, mode, **extra):
   """Validated config -> (params, model, schedule, output folder of this mode, step).
 
   The folder is ``<workdir>/samples/<name>``, or ``<name>-2``, ... where ``<name>`` holds
-  results made with other settings (``unclaimed``)."""
+  results made with other settings (``writers.unclaimed``)."""
   config_lib.validate(config, jax.device_count(), training=False)
   params, step = ckpt_lib.load_params(config, workdir)
   model = models.create_model(config)
@@ -113,7 +91,7 @@ def _setup(config, workdir, what, mode, **extra):
       generate.plan_for(config, schedule), step, config.sampling.seed,
       bool(config.model.num_classes))]))
   base = fs.join(fs.normalize(workdir), "samples", name)
-  out_dir = unclaimed(lambda k: base if k == 1 else f"{base}-{k}",
+  out_dir = writers.unclaimed(lambda k: base if k == 1 else f"{base}-{k}",
                       lambda d: fs.join(d, SETTINGS_FILE),
                       all_settings(config, step, mode, **extra))
   return params, model, schedule, out_dir, step

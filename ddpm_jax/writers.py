@@ -1,8 +1,10 @@
 """Metric writers: TensorBoard event files (without TensorFlow) and ``metrics.jsonl``,
-through ``ddpm_jax.fs`` (local or ``gs://``)."""
+through ``ddpm_jax.fs`` (local or ``gs://``); and ``unclaimed``, the rule by which the
+modes' and eval's outputs never overwrite results made with other settings."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -12,7 +14,7 @@ import uuid
 
 from absl import logging
 
-from ddpm_jax import fs
+from ddpm_jax import fs, parallel
 
 
 class EventFile:
@@ -147,3 +149,25 @@ def _logged_step(line: bytes, path: str) -> float:
     logging.warning("%s: dropped a line that is not a metrics record: %.80r", path, line)
     return math.inf
   return step
+
+
+def unclaimed(candidate, record_of, settings: dict) -> str:
+  """``candidate(1)``, or ``candidate(2)``, ...: the first output path that is new or was
+  written with the same ``settings`` (its record ``record_of(path)`` says so), so that
+  earlier results made with other settings are never overwritten."""
+  want = json.loads(json.dumps(settings))
+  for k in itertools.count(1):
+    path = candidate(k)
+    record = record_of(path)
+    if not fs.exists(record) and not fs.exists(path):
+      break
+    if fs.exists(record):
+      try:
+        if json.loads(fs.read_text(record)).get("settings") == want:
+          break
+      except (ValueError, AttributeError):  # unreadable or not ours: leave it alone
+        pass
+  if k > 1 and parallel.is_main():
+    logging.warning("%s holds results made with other settings: writing to %s instead",
+                    candidate(1), path)
+  return path

@@ -297,7 +297,7 @@ def test_tuning_resumes_bitwise_after_kill_9_and_samples_in_one_call(tmp_path, d
   import time
 
   from ddpm_jax import checkpoint as ckpt_lib
-  from ddpm_jax import consistency, distill, models, modes
+  from ddpm_jax import consistency, models, modes
   from tests import cli
   from tests.test_main import run_main
   teacher = tmp_path / "teacher"
@@ -320,7 +320,7 @@ def test_tuning_resumes_bitwise_after_kill_9_and_samples_in_one_call(tmp_path, d
   assert done and done[-1] < 6, done
   rerun = run_main(*flags, "--workdir", str(killed), cwd=tmp_path)
   assert "resumed from step" in rerun.stderr, rerun.stderr[-3000:]
-  config = distill.saved_config(str(killed))
+  config = ckpt_lib.saved_config(str(killed))
   assert config.consistency.teacher == str(teacher) and consistency.is_tuned(config)
   step_a, a = cli.final_state(tmp_path / "straight", config)
   step_b, b = cli.final_state(killed, config)

@@ -17,6 +17,7 @@ import pytest
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import config_lib, diffusion, distill, generate, models, objectives, sampling, train
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.pinning import PIN_FILE
 from tests import analytic
 from tests.conftest import tiny_config
 
@@ -294,7 +295,7 @@ def _ddim(workdir, num_steps: int, seed: int = 7, num: int = 64):
   """Samples of a workdir's EMA parameters with deterministic DDIM on the trailing grid
   (a student's own grid at its own step count), the same noise for every call."""
   from ddpm_jax import models
-  config = distill.saved_config(str(workdir))
+  config = ckpt_lib.saved_config(str(workdir))
   s = config.sampling
   s.sampler, s.spacing, s.eta, s.num_steps, s.batch_size = "ddim", "trailing", 0.0, num_steps, 32
   params, _ = ckpt_lib.load_params(config, str(workdir))
@@ -308,7 +309,7 @@ def _rewrite_teacher(teacher, src: int, dst: int, scale: float) -> None:
   """Writes checkpoint ``dst`` of ``teacher``: checkpoint ``src`` with its parameters (raw
   and EMA) scaled, a teacher that went on training (or was retrained) in the same workdir."""
   from ddpm_jax import state as state_lib
-  config = distill.saved_config(str(teacher))
+  config = ckpt_lib.saved_config(str(teacher))
   mngr = ckpt_lib.make_manager(str(teacher), read_only=True, async_save=False)
   st = ckpt_lib.restore(mngr, state_lib.abstract_train_state(config), src)
   scaled = lambda tree: jax.tree.map(lambda x: np.asarray(x) * scale, tree)  # noqa: E731
@@ -373,19 +374,19 @@ def test_distillation_resumes_bitwise_after_kill_9_and_its_students_beat_ddim(tm
   job.proc.kill()
   job.finish()
   assert 8 <= _checkpoints(first)[-1] < steps and not (killed / "steps2").exists()
-  pin = json.loads((first / distill.PIN_FILE).read_text())
+  pin = json.loads((first / PIN_FILE).read_text())
   assert (pin["teacher"], pin["step"]) == (str(teacher), 100)
   _rewrite_teacher(teacher, 100, 101, 0.9)  # the teacher trained on while the round was down
   rerun = run_main(*flags, "--workdir", str(killed), cwd=tmp_path)
   resumed = re.search(r"resumed from step (\d+)", rerun.stderr)
   assert resumed and int(resumed.group(1)) >= 8, rerun.stderr[-3000:]
   assert f"teacher: {teacher} at step 100 " in rerun.stderr, rerun.stderr[-3000:]
-  assert json.loads((first / distill.PIN_FILE).read_text()) == pin
-  second = json.loads((killed / "steps2" / distill.PIN_FILE).read_text())
+  assert json.loads((first / PIN_FILE).read_text()) == pin
+  second = json.loads((killed / "steps2" / PIN_FILE).read_text())
   assert (second["teacher"], second["step"]) == ("steps4", steps)  # the previous round's
   shutil.rmtree(teacher / "checkpoints" / "101")
   for n in (4, 2):
-    config = distill.saved_config(str(killed / f"steps{n}"))
+    config = ckpt_lib.saved_config(str(killed / f"steps{n}"))
     step_a, a = cli.final_state(tmp_path / "straight" / f"steps{n}", config)
     step_b, b = cli.final_state(killed / f"steps{n}", config)
     assert step_a == step_b == steps

@@ -542,7 +542,7 @@ def test_earlier_results_with_other_settings_are_never_overwritten(tmp_path):
   """``unclaimed``: a folder (or an eval report) made with other settings is kept, the new
   results go to name-2, name-3, ...; the same settings reuse their own folder."""
   from ddpm_jax import fs
-  from ddpm_jax.modes import unclaimed
+  from ddpm_jax.writers import unclaimed
   base = str(tmp_path / "samples" / "step4_ddim5_eta0_seed0")
   folder = lambda k: base if k == 1 else f"{base}-{k}"  # noqa: E731
   record = lambda d: os.path.join(d, "sampling.json")  # noqa: E731

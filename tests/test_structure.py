@@ -120,6 +120,12 @@ def test_building_blocks_do_not_import_orchestration():
   for mod, deps in graph.items():
     if mod not in orchestration | {entry}:
       assert not deps & orchestration, f"{mod} imports {deps & orchestration}"
+  # Nor does one orchestrator import another, but for the runs of the trainer's loop with
+  # another objective (train.train_and_evaluate): the command line dispatches to them all.
+  runs_the_trainer = {"ddpm_jax.distill", "ddpm_jax.consistency_tuning"}
+  for mod in orchestration - {"ddpm_jax.cli"}:
+    allowed = {"ddpm_jax.train"} if mod in runs_the_trainer else set()
+    assert graph[mod] & orchestration <= allowed, f"{mod} imports {graph[mod] & orchestration}"
   importers_of_main = sorted(mod for mod, deps in graph.items()
                              if mod != entry and deps & {"main", "ddpm_jax.cli"})
   assert not importers_of_main, f"{importers_of_main} import the command line (cli, main.py)"
