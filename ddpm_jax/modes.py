@@ -52,11 +52,11 @@ def default_name(plan: sampling.Plan, step: int, seed: int, conditional: bool) -
 
 
 def mode_config(config, mode: str, **forced):
-  """The config a mode runs with: a copy of ``config`` (the caller's is left alone) with
-  the fields it lacks from ``configs/default.py``, the sampler's canonical name, and the
-  ``sampling`` fields the mode needs (``forced``); each forced value that differs from
-  the user's is said once."""
-  config = config_lib.with_defaults(config)  # validated in _setup, with the forced values
+  """The config a mode runs with, completed (``config_lib.complete``: a copy, the caller's
+  is left alone, with the fields it lacks from ``configs/default.py``, validated) with the
+  sampler's canonical name and the ``sampling`` fields the mode needs (``forced``); each
+  forced value that differs from the user's is said once."""
+  config = config_lib.with_defaults(config)  # the forced values first: complete() checks them
   s = config.sampling
   s.sampler = sampling.canonical_sampler(s.sampler)
   for field, value in forced.items():
@@ -65,7 +65,7 @@ def mode_config(config, mode: str, **forced):
         logging.info("--mode=%s uses sampling.%s=%r (the config has %r)", mode, field, value,
                      s[field])
       s[field] = value
-  return config
+  return config_lib.complete(config, jax.device_count(), training=False)
 
 
 def all_settings(config, step: int, mode: str, **extra) -> dict:
@@ -79,11 +79,11 @@ def all_settings(config, step: int, mode: str, **extra) -> dict:
 
 
 def _setup(config, workdir, what, mode, **extra):
-  """Validated config -> (params, model, schedule, output folder of this mode, step).
+  """A mode's config (``mode_config``) -> (params, model, schedule, output folder of this
+  mode, step).
 
   The folder is ``<workdir>/samples/<name>``, or ``<name>-2``, ... where ``<name>`` holds
   results made with other settings (``writers.unclaimed``)."""
-  config_lib.validate(config, jax.device_count(), training=False)
   params, step = ckpt_lib.load_params(config, workdir)
   model = models.create_model(config)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
