@@ -67,10 +67,17 @@ from ddpm_jax.errors import ConfigError
 TWO_STEP_SIGMA = 0.821  # ECT's --mid_t default (CIFAR-10, from iCT)
 
 
-def is_tuned(config) -> bool:
-  """Whether ``config`` is a consistency-tuned run's (its ``consistency.teacher`` is set):
-  such a workdir samples with the consistency sampler."""
-  return bool(config.consistency.teacher)
+class Settings(NamedTuple):
+  """ECT's training settings (``configs/default.py``'s ``consistency`` section has their
+  meaning and defaults): log sigma_t ~ N(p_mean, p_std^2); the gap schedule's q, k, b and
+  ``double_every`` (steps per stage); the pseudo-Huber constant c."""
+  p_mean: float
+  p_std: float
+  q: float
+  k: float
+  b: float
+  c: float
+  double_every: int
 
 
 # ------------------------------------------------------------------ time: VP timestep <-> sigma
@@ -274,15 +281,14 @@ class Plan:
             "teacher": self.teacher}
 
 
-def make_plan(config, schedule: diffusion.Schedule, num_steps: int | None = None,
-              t_start: int | None = None) -> Plan:
-  """The plan of ``consistency.num_steps`` calls (or ``num_steps``) at sigma_max and
-  ``consistency.mid_sigmas`` (default ``default_mid_sigmas``); ``t_start``: from an input at
-  that timestep, with the mid levels below its own."""
+def make_plan(schedule: diffusion.Schedule, num_steps: int = 1, mid_sigmas=(), *,
+              t_start: int | None = None, clip_x0: bool = False, teacher: str = "") -> Plan:
+  """The plan of ``num_steps`` calls at sigma_max and ``mid_sigmas`` (empty: those of
+  ``default_mid_sigmas``); ``t_start``: from an input at that timestep, with the mid levels
+  below its own. ``teacher``: the tuned workdir's teacher, for the report."""
   lv = levels(schedule)
-  cc = config.consistency
-  n = int(num_steps or cc.num_steps)
-  mids = tuple(float(x) for x in cc.mid_sigmas) or default_mid_sigmas(lv, n)
+  n = int(num_steps)
+  mids = tuple(float(x) for x in mid_sigmas) or default_mid_sigmas(lv, n)
   if len(mids) != n - 1:
     raise ConfigError(f"consistency.mid_sigmas={mids} has {len(mids)} levels; "
                       f"consistency.num_steps={n} takes {n - 1}")
@@ -293,8 +299,8 @@ def make_plan(config, schedule: diffusion.Schedule, num_steps: int | None = None
   start = hi if t_start is None else float(sigma_at(lv, t_start))
   sigmas = (start,) + tuple(m for m in mids if m < start)
   ts = tuple(float(t) for t in np.asarray(timestep_at(lv, jnp.asarray(sigmas))))
-  return Plan(sigmas, ts, clip_x0=bool(config.sampling.clip_x0), from_noise=t_start is None,
-              teacher=str(cc.teacher or ""))
+  return Plan(sigmas, ts, clip_x0=bool(clip_x0), from_noise=t_start is None,
+              teacher=str(teacher or ""))
 
 
 def run_plan(plan: Plan, model, schedule: diffusion.Schedule, prediction_type: str, params,
@@ -306,9 +312,10 @@ def run_plan(plan: Plan, model, schedule: diffusion.Schedule, prediction_type: s
                 plan.sigmas[1:], plan.clip_x0, None if plan.from_noise else plan.sigmas[0])
 
 
-def sampler(config, model, schedule: diffusion.Schedule, num_steps: int | None = None):
-  """A jitted ``(params, x_T, key, labels) -> images`` of ``make_plan``'s calls (one device)."""
-  plan, pt = make_plan(config, schedule, num_steps), config.model.prediction_type
+def sampler(plan: Plan, model, schedule: diffusion.Schedule, prediction_type: str):
+  """A jitted ``(params, x_T, key, labels) -> images`` of ``plan`` on one device (the
+  network predicts ``prediction_type``)."""
+  pt = prediction_type
 
   @jax.jit
   def run(params, x_T, key, labels=None):

@@ -12,6 +12,7 @@ from absl import logging
 
 from ddpm_jax import checkpoint as ckpt_lib
 from ddpm_jax import config_lib, diffusion, fs, models, objectives, parallel, pinning, train
+from ddpm_jax import consistency as cm
 from ddpm_jax.errors import ConfigError
 
 # Sections a tuning run takes from its own config (defaults: configs/default.py's
@@ -31,6 +32,22 @@ def tune_config(config, teacher_config, overrides: dict):
     c[section] = own[section].copy_and_resolve_references()
   config_lib.apply_overrides(c, overrides, skip_sections=OWN_SECTIONS)  # those are in config
   return c
+
+
+def settings(config) -> cm.Settings:
+  """ECT's settings of a tuning run's config; ``consistency.double_every_steps`` 0 is
+  ``num_train_steps // 8`` (ECT's 8 stages: --double 250 ticks of 100 iterations in 200k)."""
+  cc = config.consistency
+  d = int(cc.double_every_steps)
+  every = d if d > 0 else max(int(config.training.num_train_steps) // 8, 1)
+  return cm.Settings(float(cc.p_mean), float(cc.p_std), float(cc.q), float(cc.k),
+                     float(cc.b), float(cc.c), every)
+
+
+def objective(config, model, schedule, teacher_params=None):
+  """The tuning run's objective (``objectives.consistency_tuning``) from its config."""
+  return objectives.consistency_tuning(model, schedule, config.model.prediction_type,
+                                       settings(config), teacher_params)
 
 
 def tune(config, workdir: str, overrides: dict | None = None) -> str | None:
@@ -57,10 +74,8 @@ def tune(config, workdir: str, overrides: dict | None = None) -> str | None:
     logging.info("consistency tuning of %s (step %d, pinned in %s) into %s: %d steps, the gap "
                  "shrinking every %d", teacher_dir, teacher_step,
                  fs.join(workdir, pinning.PIN_FILE), workdir, cfg.training.num_train_steps,
-                 objectives.double_every(cfg))
+                 settings(cfg).double_every)
   model = models.create_model(cfg)
   schedule = diffusion.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
-  state = train.train_and_evaluate(cfg, workdir,
-                                   objectives.consistency_tuning(cfg, model, schedule,
-                                                                  teacher_params))
+  state = train.train_and_evaluate(cfg, workdir, objective(cfg, model, schedule, teacher_params))
   return workdir if int(state.step) >= int(cfg.training.num_train_steps) else None

@@ -126,6 +126,15 @@ def round_config(config, teacher_config, teacher_dir: str, round_index: int, tea
   return c
 
 
+def objective(config, model, schedule, teacher_config, teacher_params):
+  """A round's objective (``objectives.distillation``) from its config and its teacher's."""
+  d = config.distill
+  return objectives.distillation(
+      model, schedule, config.model.prediction_type, models.create_model(teacher_config),
+      teacher_params, teacher_config.model.prediction_type, teacher_steps=int(d.teacher_steps),
+      weighting=d.weighting, clip_x0=bool(config.sampling.clip_x0))
+
+
 def distill(config, workdir: str, overrides: dict | None = None) -> str | None:
   """Runs the rounds into ``<workdir>/steps<N>``; returns the last round's workdir, or None
   when a round was stopped (by a signal: the same command resumes it)."""
@@ -152,7 +161,7 @@ def distill(config, workdir: str, overrides: dict | None = None) -> str | None:
     model = models.create_model(cfg)
     schedule = diffusion.make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
     state = train.train_and_evaluate(
-        cfg, out, objectives.distillation(cfg, model, schedule, teacher_config, teacher_params))
+        cfg, out, objective(cfg, model, schedule, teacher_config, teacher_params))
     if int(state.step) < cfg.training.num_train_steps:
       return None  # stopped: the trainer said so; rerunning resumes this round
     teacher_dir, teacher_config = out, cfg

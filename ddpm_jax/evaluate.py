@@ -71,8 +71,8 @@ from ddpm_jax.errors import ConfigError, NoCheckpointError
 def eps_fn_for(config, model, schedule):
   """``eps_fn_p(params, labels) -> eps_fn(x, t)`` whatever the network predicts: conditioned
   on ``labels`` (guidance scale 1: the conditional branch), or unconditional for None."""
-  return lambda p, y=None: generate.make_eps_fn(config, model, schedule, p, labels=y,
-                                                guidance_scale=1.0)
+  return lambda p, y=None: generate.make_eps_fn(model, schedule, p,
+                                                config.model.prediction_type, labels=y)
 
 
 def checkpoint_steps(workdir: str, which) -> list[int | None]:

@@ -31,10 +31,11 @@ from ddpm_jax import (
 from ddpm_jax.errors import ConfigError
 
 
-def make_eps_fn(config, model, schedule, params, labels=None, guidance_scale: float = 1.0):
-  """``eps_fn(x_t, t)`` of the network; with labels, classifier-free guidance of scale
-  ``guidance_scale`` (``sampling.guided_eps_fn``: one batched call for both branches)."""
-  prediction_type = config.model.prediction_type
+def make_eps_fn(model, schedule, params, prediction_type: str, labels=None,
+                guidance_scale: float = 1.0):
+  """``eps_fn(x_t, t)`` of the network, which predicts ``prediction_type``; with labels,
+  classifier-free guidance of scale ``guidance_scale`` (``sampling.guided_eps_fn``: one
+  batched call for both branches)."""
 
   def eps_of(x, t, y):
     pred = models.apply(model, params, x, t, y).astype(jnp.float32)
@@ -72,8 +73,9 @@ def plan_for(config, schedule, *, t_start: int | None = None, frames: bool = Fal
   of a full run (``timesteps.steps_from``); ``frames``: record ``sampling.num_frames``;
   ``inpaint``: ``sampling.resample_steps`` RePaint jumps. A distilled student samples on
   its own grid where the config asks for the sampler it was trained for. A consistency-tuned
-  workdir (``consistency.is_tuned``) gets a ``consistency.Plan`` instead (``consistency_plan``)."""
-  if consistency.is_tuned(config):
+  workdir (its saved config names ``consistency.teacher``) gets a ``consistency.Plan``
+  instead (``consistency_plan``)."""
+  if config.consistency.teacher:
     return consistency_plan(config, schedule, t_start=t_start, inpaint=inpaint)
   s, T = config.sampling, schedule.num_timesteps
   grid = student_timesteps(config, T, t_start)
@@ -100,7 +102,9 @@ def consistency_plan(config, schedule, *, t_start: int | None = None, inpaint: b
       parallel.is_main():
     logging.info("a consistency model samples its labels unguided (guidance scale 1; the "
                  "config has sampling.guidance_scale=%s)", config.sampling.guidance_scale)
-  return consistency.make_plan(config, schedule, t_start=t_start)
+  cc = config.consistency
+  return consistency.make_plan(schedule, cc.num_steps, cc.mid_sigmas, t_start=t_start,
+                               clip_x0=bool(config.sampling.clip_x0), teacher=cc.teacher)
 
 
 class Sampler:
@@ -124,18 +128,18 @@ class Sampler:
     self.config, self.schedule, self.model = config, schedule, model
     self.num_frames = self.plan.num_frames
     self.shape = (config.data.image_size, config.data.image_size, config.data.num_channels)
-    plan = self.plan
+    plan, pt = self.plan, config.model.prediction_type
 
     def sample_fn(params, x_T, key, labels, known, mask):
       key = jax.random.fold_in(key, jax.lax.axis_index(parallel.AXIS))
       if plan.sampler == "consistency":  # known, mask: None (plan_for refused inpainting)
-        return consistency.run_plan(plan, model, schedule, config.model.prediction_type,
-                                    params, x_T, key, labels if model.num_classes else None)
-      eps_fn = make_eps_fn(config, model, schedule, params, labels, plan.guidance_scale)
+        return consistency.run_plan(plan, model, schedule, pt, params, x_T, key,
+                                    labels if model.num_classes else None)
+      eps_fn = make_eps_fn(model, schedule, params, pt, labels, plan.guidance_scale)
       return sampling.sample(plan, eps_fn, schedule, x_T, key, known=known, mask=mask)
 
     def invert_fn(params, x0, labels):
-      eps_fn = make_eps_fn(config, model, schedule, params, labels, 1.0)
+      eps_fn = make_eps_fn(model, schedule, params, pt, labels, 1.0)
       return sampling.ddim_invert(eps_fn, schedule, x0, plan=plan)
 
     self._p_sample = parallel.pmap(sample_fn, in_axes=(0, 0, None, 0, 0, 0))

@@ -45,10 +45,10 @@ def example_noise(example_keys, shape) -> jax.Array:
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), shape))(example_keys)
 
 
-def denoising(config, model, schedule: diffusion.Schedule) -> Objective:
-  """L_simple: t uniform in [0, T), the network's prediction against its target."""
+def denoising(model, schedule: diffusion.Schedule, prediction_type: str) -> Objective:
+  """L_simple: t uniform in [0, T), the network's prediction (``prediction_type``) against
+  its target."""
   T = schedule.num_timesteps
-  prediction_type = config.model.prediction_type
 
   def loss(params, x0, labels, example_keys, dropout_key, extra):
     del extra
@@ -99,14 +99,16 @@ def teacher_two_steps(schedule, eps_fn, z, grid, j, clip_x0: bool):
   return t, t_end, sampling.ddim_step(schedule, x0, eps, t_end)
 
 
-def distillation(config, model, schedule, teacher_config, teacher_params) -> Objective:
-  """A progressive-distillation round's objective (``config.distill.teacher_steps`` -> half;
-  Salimans & Ho 2022, Algorithm 2; ``ddpm_jax/distill.py`` runs the rounds)."""
-  n_teacher = int(config.distill.teacher_steps)
+def distillation(model, schedule, prediction_type: str, teacher_model, teacher_params,
+                 teacher_prediction_type: str, *, teacher_steps: int, weighting: str,
+                 clip_x0: bool) -> Objective:
+  """A progressive-distillation round's objective: ``teacher_steps`` -> half (Salimans &
+  Ho 2022, Algorithm 2; ``ddpm_jax/distill.py`` runs the rounds, ``distill.objective``
+  builds this from a round's config). The student predicts ``prediction_type``, the frozen
+  teacher ``teacher_prediction_type``; ``weighting``: ``loss_weight``'s; ``clip_x0``: the
+  teacher's DDIM steps clip their x0 as the sampler does."""
+  n_teacher = int(teacher_steps)
   grid = jnp.asarray(timesteps.distilled_grid(schedule.num_timesteps, n_teacher))
-  clip_x0, weighting = bool(config.sampling.clip_x0), config.distill.weighting
-  prediction_type = config.model.prediction_type
-  teacher_model = models.create_model(teacher_config)
 
   def loss(params, x0, labels, example_keys, dropout_key, teacher):
     j = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, n_teacher // 2,
@@ -114,7 +116,8 @@ def distillation(config, model, schedule, teacher_config, teacher_params) -> Obj
     noise = example_noise(example_keys, x0.shape[1:])
     t = grid[2 * j]
     z = diffusion.q_sample(schedule, x0, t, noise)
-    eps_fn = generate.make_eps_fn(teacher_config, teacher_model, schedule, teacher, labels)
+    eps_fn = generate.make_eps_fn(teacher_model, schedule, teacher, teacher_prediction_type,
+                                  labels)
     _, t_end, z_end = teacher_two_steps(schedule, eps_fn, z, grid, j, clip_x0)
     target = jax.lax.stop_gradient(two_step_target(schedule, z, t, t_end, z_end))
     pred = models.apply(model, params, z, t, labels, train=True,
@@ -128,28 +131,19 @@ def distillation(config, model, schedule, teacher_config, teacher_params) -> Obj
 
 # ------------------------------------------------------------------ consistency tuning (ECT)
 
-def double_every(config) -> int:
-  """Steps per stage of the gap schedule (ECT's --double, in steps; 0: num_train_steps // 8,
-  ECT's 8 stages: --double 250 ticks of 100 iterations in 200k iterations)."""
-  d = int(config.consistency.double_every_steps)
-  return d if d > 0 else max(int(config.training.num_train_steps) // 8, 1)
-
-
-def consistency_tuning(config, model, schedule: diffusion.Schedule,
-                       teacher_params=None) -> Objective:
-  """ECT's objective (``ddpm_jax/consistency.py`` has its pieces; ``ddpm_jax/consistency_tuning.py``
-  runs it). ``loss(params, x0, labels, example_keys, dropout_key,
-  extra, step)``: the trainer hands it the optimizer step (``uses_step``), whose gap stage
-  is ``step // double_every(config)``, so one run follows the whole schedule and a resumed
-  one is where it left off. Example i draws sigma_t from ``fold_in(key_i, 0)`` and its
-  noise as every objective does (``example_noise``); the reported timestep is
-  sigma_t's nearest. ``init_params``: the teacher's."""
+def consistency_tuning(model, schedule: diffusion.Schedule, prediction_type: str,
+                       settings: cm.Settings, teacher_params=None) -> Objective:
+  """ECT's objective (``ddpm_jax/consistency.py`` has its pieces and ``Settings``;
+  ``ddpm_jax/consistency_tuning.py`` runs it). ``loss(params, x0, labels, example_keys,
+  dropout_key, extra, step)``: the trainer hands it the optimizer step (``uses_step``),
+  whose gap stage is ``step // settings.double_every``, so one run follows the whole
+  schedule and a resumed one is where it left off. Example i draws sigma_t from
+  ``fold_in(key_i, 0)`` and its noise as every objective does (``example_noise``); the
+  reported timestep is sigma_t's nearest. ``init_params``: the teacher's."""
   lv = cm.levels(schedule)
-  prediction_type = config.model.prediction_type
-  cc = config.consistency
-  p_mean, p_std = float(cc.p_mean), float(cc.p_std)
-  q, k, b, c = float(cc.q), float(cc.k), float(cc.b), float(cc.c)
-  every = double_every(config)
+  p_mean, p_std = float(settings.p_mean), float(settings.p_std)
+  q, k, b, c = (float(settings.q), float(settings.k), float(settings.b), float(settings.c))
+  every = int(settings.double_every)
 
   def loss(params, x0, labels, example_keys, dropout_key, extra, step):
     del extra

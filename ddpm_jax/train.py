@@ -102,7 +102,7 @@ def make_train_step(config, model, schedule: diffusion.Schedule, tx,
   NaN check of the step.
   """
   T = schedule.num_timesteps
-  objective = objective or objectives.denoising(config, model, schedule)
+  objective = objective or objectives.denoising(model, schedule, config.model.prediction_type)
   lr_fn = state_lib.make_lr_schedule(config)
   label_dropout = float(config.training.label_dropout)
   microbatches = int(config.training.microbatches)

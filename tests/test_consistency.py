@@ -227,7 +227,7 @@ def test_each_step_of_a_dispatch_trains_at_its_own_stage_of_the_gap_schedule():
   noise draw) with the keys the step draws; the trainer hands the objective its step (a
   stage stuck at 0, or the dispatch's first step for both, gives other losses). The
   learning rate is 0 at the first update (warm-up), so both steps see the same weights."""
-  from ddpm_jax import models, objectives, train
+  from ddpm_jax import consistency_tuning, models, train
   from ddpm_jax import state as state_lib
   from tests.conftest import tiny_config
   cfg = tiny_config(**SMALL, **{"consistency.teacher": "t",
@@ -239,7 +239,7 @@ def test_each_step_of_a_dispatch_trains_at_its_own_stage_of_the_gap_schedule():
   tx = state_lib.make_optimizer(cfg)
   st = state_lib.TrainState(step=jnp.int32(3), params=params, ema_params=params,
                             opt_state=tx.init(params))
-  obj = objectives.consistency_tuning(cfg, model, schedule, params)
+  obj = consistency_tuning.objective(cfg, model, schedule, params)
   steps = jax.jit(train.make_multi_step(
       train.make_train_step(cfg, model, schedule, tx, axis_name=None, objective=obj), 2))
   x0 = jax.random.uniform(jax.random.key(1), (2, 8, 4, 4, 3), minval=-1, maxval=1)
@@ -321,7 +321,7 @@ def test_tuning_resumes_bitwise_after_kill_9_and_samples_in_one_call(tmp_path, d
   rerun = run_main(*flags, "--workdir", str(killed), cwd=tmp_path)
   assert "resumed from step" in rerun.stderr, rerun.stderr[-3000:]
   config = ckpt_lib.saved_config(str(killed))
-  assert config.consistency.teacher == str(teacher) and consistency.is_tuned(config)
+  assert config.consistency.teacher == str(teacher)
   step_a, a = cli.final_state(tmp_path / "straight", config)
   step_b, b = cli.final_state(killed, config)
   assert step_a == step_b == 6
@@ -340,7 +340,8 @@ def test_tuning_resumes_bitwise_after_kill_9_and_samples_in_one_call(tmp_path, d
   params, _ = ckpt_lib.load_params(config, str(killed))
   x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(0), i),
                                              (4, 4, 3)))(jnp.arange(8))
-  want = consistency.sampler(config, model, schedule)(params, x_T, jax.random.key(1))
+  want = consistency.sampler(cm.make_plan(schedule, 1), model, schedule,
+                             config.model.prediction_type)(params, x_T, jax.random.key(1))
   np.testing.assert_allclose(np.load(os.path.join(folder, "samples.npz"))["samples"], want,
                              atol=1e-3)  # f(x_T) cancels x_T (|x_T| ~ sigma_max = 221)
   config.consistency.num_steps = 2

@@ -289,7 +289,7 @@ def test_ddim_in_diffusers_gives_our_samples(exported):
   ddim.set_timesteps(steps)
   model = models.create_model(config)
   schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  eps_fn = generate.make_eps_fn(config, model, schedule, ema)
+  eps_fn = generate.make_eps_fn(model, schedule, ema, config.model.prediction_type)
   want_ts = sampling.timesteps_used("ddim", schedule, steps, "trailing")
   assert list(ddim.timesteps.numpy()) == list(want_ts)
   got = np.asarray(sampling.sample("ddim", eps_fn, schedule, jnp.asarray(x_T),

@@ -129,7 +129,7 @@ def round_case():
   x0 = jax.random.uniform(jax.random.key(2), (32, 8, 8, 3), minval=-1, maxval=1)
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(32))
   teacher = _random_params(model, 0)
-  obj = objectives.distillation(cfg, model, schedule, teacher_config, teacher)
+  obj = distill.objective(cfg, model, schedule, teacher_config, teacher)
 
   def mean_loss(params, teacher, keys):
     losses, t = obj.loss(params, x0, None, keys, jax.random.key(4), teacher)

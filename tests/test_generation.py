@@ -144,11 +144,13 @@ def test_unconditional_branch_of_the_model_is_the_null_label(conditional_net):
   labels = jnp.array([0, 1, 2, 1], jnp.int32)
   net = {y: np.asarray(models.apply(model, params, x, t, jnp.full((4,), y, jnp.int32)))
          for y in range(4)}
-  uncond = generate.make_eps_fn(config, model, schedule, params, labels, 0.0)(x, t)
+  uncond = generate.make_eps_fn(model, schedule, params, config.model.prediction_type, labels,
+                                  0.0)(x, t)
   np.testing.assert_allclose(uncond, net[3], rtol=1e-5, atol=1e-5)
   for y in range(3):
     assert np.abs(net[y] - net[3]).max() > 1e-3  # a wrong null label would show
-  cond = generate.make_eps_fn(config, model, schedule, params, labels, 1.0)(x, t)
+  cond = generate.make_eps_fn(model, schedule, params, config.model.prediction_type, labels,
+                                1.0)(x, t)
   want = np.stack([net[int(y)][i] for i, y in enumerate(labels)])
   np.testing.assert_allclose(cond, want, rtol=1e-5, atol=1e-5)
 

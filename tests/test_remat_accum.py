@@ -33,7 +33,7 @@ def _setup(config):
 
 def _grads(config, params=None, x=None, dropout_fold=3):
   model, schedule, tx, state = _setup(config)
-  objective = objectives.denoising(config, model, schedule)
+  objective = objectives.denoising(model, schedule, config.model.prediction_type)
   x = batch(8) if x is None else x
   keys = jax.random.split(jax.random.key(5), 8)
   dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, dropout_fold))(keys)
