@@ -340,8 +340,9 @@ def test_tuning_resumes_bitwise_after_kill_9_and_samples_in_one_call(tmp_path, d
   params, _ = ckpt_lib.load_params(config, str(killed))
   x_T = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(0), i),
                                              (4, 4, 3)))(jnp.arange(8))
-  want = consistency.sampler(cm.make_plan(schedule, 1), model, schedule,
-                             config.model.prediction_type)(params, x_T, jax.random.key(1))
+  plan = cm.make_plan(schedule, 1, clip_x0=config.sampling.clip_x0)  # the saved config's
+  want = consistency.sampler(plan, model, schedule, config.model.prediction_type)(
+      params, x_T, jax.random.key(1))
   np.testing.assert_allclose(np.load(os.path.join(folder, "samples.npz"))["samples"], want,
                              atol=1e-3)  # f(x_T) cancels x_T (|x_T| ~ sigma_max = 221)
   config.consistency.num_steps = 2
