@@ -5,7 +5,7 @@ package; the real gcsfs, google-cloud-storage, tensorstore and orbax code paths)
   a new 2-host Cloud TPU VM slice (metadata servers; empty local record caches) resumes from
   the bucket and one host gets a preemption notice; the same slice on GKE finishes the run;
   every step's metrics line is there exactly once and the losses are an uninterrupted run's;
-  the slice samples into the bucket;
+  the slice samples into the bucket and consistency-tunes the run into the bucket;
 * a damaged checkpoint in a bucket is set aside there and the one before is used;
 * the workdir lock on a bucket: exactly one of 40 simultaneous trainers, a stale lock taken
   over, a trainer whose lock was taken stops before writing;
@@ -149,6 +149,27 @@ def test_gs_workdir_on_a_rehearsed_slice_end_to_end(tmp_path, gcs, data_dir):
   assert not re.search(r"\[p1\] gs://", job.output)  # process 0 alone writes and says where
   assert read_gcs(url, "run/samples/step10_ddim5_eta0_seed0/grid.png")[:4] == b"\x89PNG"
   assert read_gcs(url, "run/samples/step10_ddim5_eta0_seed0/denoise.gif")[:3] == b"GIF"
+
+  # Consistency tuning of the bucket's run into the bucket on the slice: the teacher pinned
+  # once, at its newest step; the losses those of the same tuning of the uninterrupted run on
+  # one process (the gap schedule and sigma draws are per example).
+  own = {"training.num_train_steps": 4, "training.checkpoint_every_steps": 4,
+         "consistency.double_every_steps": 2}
+  tune = [f"--config.{k}={v}" for k, v in own.items()]
+  job = cli.run(cli.launch(2, 2, "--mode=consistency", *cli.tiny_flags("gs://bkt/tfds", *tune),
+                           "--config.consistency.teacher=gs://bkt/run", "--workdir",
+                           "gs://bkt/tuned", cwd=tmp_path, extra_env=host2, cluster="gce-tpu"))
+  assert job.output.count("consistency tuning of gs://bkt/run (step 10") == 1, job.output[-3000:]
+  pin = json.loads(read_gcs(url, "tuned/teacher.json"))
+  assert (pin["teacher"], pin["step"]) == ("gs://bkt/run", steps)
+  from ddpm_jax import consistency_tuning
+  consistency_tuning.tune(tiny_config(**own, **{"consistency.teacher": str(tmp_path / "straight")}),
+                          str(tmp_path / "tuned"))
+  tuned = [json.loads(x) for x in read_gcs(url, "tuned/metrics.jsonl").decode().splitlines()]
+  assert [x["step"] for x in tuned if "loss" in x] == [1, 2, 3, 4]
+  one = [x["loss"] for x in map(json.loads, open(tmp_path / "tuned" / "metrics.jsonl"))
+         if "loss" in x]
+  np.testing.assert_allclose([x["loss"] for x in tuned if "loss" in x], one, rtol=1e-4)
 
   local = [os.path.join(r, d) for r, ds, _ in os.walk(tmp_path) for d in ds]
   assert not [d for d in local if os.path.basename(d).startswith("gs:")], local
