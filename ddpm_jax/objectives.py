@@ -141,9 +141,7 @@ def consistency_tuning(model, schedule: diffusion.Schedule, prediction_type: str
   ``fold_in(key_i, 0)`` and its noise as every objective does (``example_noise``); the
   reported timestep is sigma_t's nearest. ``init_params``: the teacher's."""
   lv = cm.levels(schedule)
-  p_mean, p_std = float(settings.p_mean), float(settings.p_std)
-  q, k, b, c = (float(settings.q), float(settings.k), float(settings.b), float(settings.c))
-  every = int(settings.double_every)
+  p_mean, p_std, q, k, b, c, every = settings
 
   def loss(params, x0, labels, example_keys, dropout_key, extra, step):
     del extra
