@@ -52,7 +52,7 @@ What ``watch`` takes for what (the rules, because each wrong guess costs money o
   ``--ref`` and ``--python`` are each quoted once (``shlex.quote``) in the install line.
 
 * The slice's TPU software version: ``--version``, else the one Google lists for JAX on the
-  accelerator type (``RUNTIME_VERSIONS``); an unknown type is one line asking for
+  accelerator type (``tpu_vm.RUNTIME_VERSIONS``); an unknown type is one line asking for
   ``--version``. ``run.sh`` sets ``JAX_PLATFORMS=tpu``: a trainer whose JAX misses the TPU
   fails at start rather than training on the host CPU of a billing slice.
 
@@ -69,6 +69,8 @@ import subprocess
 import sys
 import time
 
+from ddpm_jax.tpu_vm import runtime_version  # standard library only, as this module
+
 POD_DIR = "$HOME/ddpm_pod"  # on each worker: run.sh, pid, rc, signalled, stop_requested, log
 REPO_DIR = "$HOME/ddpm_jax"
 STATUS_TAG = "DDPM_POD_WORKER"
@@ -82,24 +84,6 @@ QR_LOST = QR_PREEMPTED | {"DELETING"}  # what `up` deletes before creating
 
 class PodError(RuntimeError):
   """A gcloud step that failed for good; the message says which and why."""
-
-
-# The TPU software version ("runtime version") Google lists for JAX per TPU generation
-# (cloud.google.com/tpu/docs/runtimes): on a wrong one JAX can miss the TPU and train on the
-# host CPU while the slice bills. Keyed on the --accelerator-type prefix ("v5litepod-16").
-RUNTIME_VERSIONS = (
-    (("v2-", "v3-", "v4-"), "tpu-ubuntu2204-base"),
-    (("v5litepod-", "v5e-"), "v2-alpha-tpuv5-lite"),
-    (("v5p-",), "v2-alpha-tpuv5"),
-    (("v6e-",), "v2-alpha-tpuv6e"),
-)
-
-
-def runtime_version(accelerator_type: str) -> str | None:
-  """The TPU software version for ``accelerator_type`` (e.g. v4-32), None if not known here."""
-  kind = (accelerator_type or "").strip().lower()
-  return next((version for prefixes, version in RUNTIME_VERSIONS
-               if kind.startswith(prefixes)), None)
 
 
 def log(msg: str) -> None:

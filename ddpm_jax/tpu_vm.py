@@ -29,6 +29,23 @@ METADATA_IP = "169.254.169.254"  # metadata.google.internal, without a DNS looku
 METADATA_TIMEOUT_S = 2.0
 DMI_FILES = ("/sys/class/dmi/id/product_name", "/sys/class/dmi/id/bios_vendor")
 
+# The TPU software version ("runtime version") Google lists for JAX per TPU generation
+# (cloud.google.com/tpu/docs/runtimes): on a wrong one JAX can miss the TPU and train on the
+# host CPU while the slice bills. Keyed on the --accelerator-type prefix ("v5litepod-16").
+RUNTIME_VERSIONS = (
+    (("v2-", "v3-", "v4-"), "tpu-ubuntu2204-base"),
+    (("v5litepod-", "v5e-"), "v2-alpha-tpuv5-lite"),
+    (("v5p-",), "v2-alpha-tpuv5"),
+    (("v6e-",), "v2-alpha-tpuv6e"),
+)
+
+
+def runtime_version(accelerator_type: str) -> str | None:
+  """The TPU software version for ``accelerator_type`` (e.g. v4-32), None if not known here."""
+  kind = (accelerator_type or "").strip().lower()
+  return next((version for prefixes, version in RUNTIME_VERSIONS
+               if kind.startswith(prefixes)), None)
+
 
 class CpuOnTpuVm(UserError, RuntimeError):
   """JAX runs on the CPU of a machine that has (or should have) TPUs."""
@@ -103,14 +120,13 @@ def _tpu_backend_error() -> str | None:
 
 def likely_cause(accelerator: str | None, env) -> str:
   """The one-line reason, most specific evidence first."""
-  from ddpm_jax import pod
   platforms = env.get("JAX_PLATFORMS", "")
   if platforms and "tpu" not in platforms.lower().split(","):
     return f"JAX_PLATFORMS={platforms} leaves the TPU out"
   if not _libtpu_installed():
     return ("libtpu is not installed in this Python (install requirements-tpu.txt, "
             "jax[tpu], into the venv)")
-  expected = pod.runtime_version(accelerator or "")
+  expected = runtime_version(accelerator or "")
   version = (f"the TPU software version does not fit {accelerator} (Google lists {expected})"
              if expected else "the TPU software version does not fit the accelerator type")
   err = _tpu_backend_error()

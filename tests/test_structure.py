@@ -126,9 +126,12 @@ def test_building_blocks_do_not_import_orchestration():
   for mod in orchestration - {"ddpm_jax.cli"}:
     allowed = {"ddpm_jax.train"} if mod in runs_the_trainer else set()
     assert graph[mod] & orchestration <= allowed, f"{mod} imports {graph[mod] & orchestration}"
-  importers_of_main = sorted(mod for mod, deps in graph.items()
-                             if mod != entry and deps & {"main", "ddpm_jax.cli"})
-  assert not importers_of_main, f"{importers_of_main} import the command line (cli, main.py)"
+  # The CLI layer (docs/architecture.md): the command line and the launchers of processes
+  # and pods. Nothing below it imports it (tpu_vm once read pod's table of TPU versions).
+  cli_layer = {"main", "ddpm_jax.cli", "ddpm_jax.launch", "ddpm_jax.pod"}
+  importers = sorted(f"{mod} imports {sorted(deps & cli_layer)}" for mod, deps in graph.items()
+                     if mod not in cli_layer | {entry} and deps & cli_layer)
+  assert not importers, f"{importers}: the CLI layer is imported from below"
 
 
 def test_importing_the_package_changes_no_environment():
