@@ -612,7 +612,11 @@ def test_ctrl_c_with_delete_when_done_deletes_only_a_finished_slice(fake_gcloud,
                                            "rc": 0}})
   r = subprocess.run([sys.executable, "-m", "ddpm_jax.pod", "run", *COMMON, "--repo", "r",
                       "--delete-when-done", *TRAIN], capture_output=True, text=True, timeout=120,
-                     cwd=os.path.dirname(os.path.dirname(pod.__file__)))
+                     cwd=os.path.dirname(os.path.dirname(pod.__file__)),
+                     # Ctrl-C as at a terminal: a runner started from a background job (a
+                     # pytest under `cmd &` without job control) inherits SIGINT ignored,
+                     # and Python then installs no KeyboardInterrupt handler.
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   assert r.returncode == 130, r.stdout + r.stderr
   assert "interrupted" in r.stderr and "Traceback" not in r.stderr
   kinds = [e["event"] for e in events(d)]
